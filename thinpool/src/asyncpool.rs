@@ -1,0 +1,95 @@
+//! The async facade: every engine call runs on tokio's blocking pool, never on a runtime
+//! worker, because each one may wait on ioctls, fsync or child processes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::engine::{Pool, RemoveOptions, SnapshotRequest};
+use crate::error::{Error, Result};
+use crate::ids::DeviceName;
+use crate::model::{AuditReport, DeviceRecord, MountSpec, PoolSpec, PoolStatus};
+use crate::units::Bytes;
+
+/// A shareable handle to an open pool whose methods are async.
+#[derive(Clone)]
+pub struct AsyncPool {
+    pool: Arc<Pool>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Inconsistent(format!("engine task failed: {e}")))?
+}
+
+impl AsyncPool {
+    pub async fn open(spec: PoolSpec) -> Result<AsyncPool> {
+        let pool = blocking(move || Pool::open(&spec)).await?;
+        Ok(AsyncPool { pool: Arc::new(pool) })
+    }
+
+    /// The blocking engine, for callers already on a blocking thread.
+    pub fn engine(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    pub async fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
+        let p = self.pool.clone();
+        blocking(move || p.snapshot(req)).await
+    }
+
+    pub async fn commit(
+        &self,
+        key: DeviceName,
+        name: DeviceName,
+        labels: Option<BTreeMap<String, String>>,
+    ) -> Result<DeviceRecord> {
+        let p = self.pool.clone();
+        blocking(move || p.commit(&key, &name, labels)).await
+    }
+
+    pub async fn activate(&self, name: DeviceName) -> Result<MountSpec> {
+        let p = self.pool.clone();
+        blocking(move || p.activate(&name)).await
+    }
+
+    pub async fn deactivate(&self, name: DeviceName) -> Result<()> {
+        let p = self.pool.clone();
+        blocking(move || p.deactivate(&name)).await
+    }
+
+    pub async fn remove(&self, name: DeviceName, opts: RemoveOptions) -> Result<()> {
+        let p = self.pool.clone();
+        blocking(move || p.remove(&name, opts)).await
+    }
+
+    pub async fn reclaim(&self) -> Result<usize> {
+        let p = self.pool.clone();
+        blocking(move || p.reclaim()).await
+    }
+
+    pub async fn usage(&self, name: DeviceName) -> Result<Bytes> {
+        let p = self.pool.clone();
+        blocking(move || p.usage(&name)).await
+    }
+
+    pub async fn device(&self, name: DeviceName) -> Result<DeviceRecord> {
+        let p = self.pool.clone();
+        blocking(move || p.device(&name)).await
+    }
+
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        let p = self.pool.clone();
+        blocking(move || p.devices()).await
+    }
+
+    pub async fn status(&self) -> Result<PoolStatus> {
+        let p = self.pool.clone();
+        blocking(move || p.status()).await
+    }
+
+    pub async fn audit(&self) -> Result<AuditReport> {
+        let p = self.pool.clone();
+        blocking(move || p.audit()).await
+    }
+}

@@ -1,0 +1,130 @@
+//! The one trait through which the engine reaches storage, and its implementations.
+//!
+//! A backend knows thin ids, sizes and device nodes. It knows nothing of names, kinds,
+//! parents or labels: those live in the metadata store, which the engine keeps.
+//!
+//! Every method blocks (ioctls, file I/O, child processes). The engine calls them only from
+//! `spawn_blocking` threads, never on the async runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use crate::error::Result;
+use crate::ids::ThinId;
+use crate::model::{BackendKind, BackendStatus, PoolSettings};
+use crate::units::Bytes;
+
+pub mod dm;
+pub mod reflink;
+
+/// A pool's storage: thin devices with copy-on-write snapshots.
+///
+/// Mutating calls (`create_thin`, `create_snapshot`, `delete`) change persistent state and
+/// each returns the backend's new *transaction id*, a counter it stores durably together with
+/// the change (dm: the kernel's `set_transaction_id`). The engine records it, and on open a
+/// transaction id behind the engine's record means the pool's metadata lost changes.
+///
+/// Idempotence, which reconcile relies on: `delete` of an absent id, `activate` of an active
+/// device and `deactivate` of an inactive one all succeed.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+
+    /// Space, mode and transaction id of the pool.
+    fn status(&self) -> Result<BackendStatus>;
+
+    /// Creates an empty thin device. Precondition: `id` is unused.
+    fn create_thin(&self, id: ThinId, size: Bytes) -> Result<u64>;
+
+    /// Creates `id` as a copy-on-write snapshot of `origin`, `size` long (at least the
+    /// origin's size). An active origin is briefly suspended. Precondition: `id` is unused.
+    fn create_snapshot(&self, id: ThinId, origin: ThinId, size: Bytes) -> Result<u64>;
+
+    /// Deletes a device and frees its space. Precondition: the device is not active.
+    /// Deleting an id that does not exist succeeds.
+    fn delete(&self, id: ThinId) -> Result<u64>;
+
+    /// Makes the device available as a block device node and returns the node's path.
+    fn activate(&self, id: ThinId, size: Bytes, read_only: bool) -> Result<PathBuf>;
+
+    /// Removes the device node. The data stays.
+    fn deactivate(&self, id: ThinId) -> Result<()>;
+
+    /// The devices of this pool that are active now, with their nodes.
+    fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>>;
+
+    /// Bytes the device maps (dm: allocated data blocks; reflink: allocated extents not
+    /// shared with other devices). The device may be active or not.
+    fn mapped_bytes(&self, id: ThinId, size: Bytes) -> Result<Bytes>;
+
+    /// The ids the backend's own metadata holds, read independently of our records (dm:
+    /// `thin_ls` on a metadata snapshot). For the audit.
+    fn list_ids(&self) -> Result<BTreeSet<ThinId>>;
+
+    /// Tears down everything this process set up (devices, pool, loop devices, mounts), as a
+    /// host reboot would. Persistent data is kept. Used on shutdown of tests and the daemon's
+    /// `--teardown-on-exit`; a plain daemon exit keeps devices active for running containers.
+    fn teardown(&self) -> Result<()>;
+}
+
+/// Paths of a pool's files under its root.
+#[derive(Clone, Debug)]
+pub struct PoolPaths {
+    pub root: PathBuf,
+    pub data_file: PathBuf,
+    pub metadata_file: PathBuf,
+    pub store_file: PathBuf,
+    pub lock_file: PathBuf,
+}
+
+impl PoolPaths {
+    pub fn new(root: &Path) -> PoolPaths {
+        PoolPaths {
+            root: root.to_path_buf(),
+            data_file: root.join("data"),
+            metadata_file: root.join("metadata"),
+            store_file: root.join("pool.redb"),
+            lock_file: root.join("lock"),
+        }
+    }
+}
+
+/// Makes a fresh backend for a new pool: creates the sparse files and formats what the
+/// backend needs. Precondition: no pool files exist at `paths`.
+pub fn create(paths: &PoolPaths, settings: &PoolSettings) -> Result<Box<dyn Backend>> {
+    match settings.backend {
+        BackendKind::Dm => Ok(Box::new(dm::DmBackend::create(paths, settings)?)),
+        BackendKind::Reflink => Ok(Box::new(reflink::ReflinkBackend::create(paths, settings)?)),
+    }
+}
+
+/// Reassembles an existing pool's backend after a daemon restart or a host reboot. Never
+/// re-initialises existing metadata.
+pub fn open(paths: &PoolPaths, settings: &PoolSettings) -> Result<Box<dyn Backend>> {
+    match settings.backend {
+        BackendKind::Dm => Ok(Box::new(dm::DmBackend::open(paths, settings)?)),
+        BackendKind::Reflink => Ok(Box::new(reflink::ReflinkBackend::open(paths, settings)?)),
+    }
+}
+
+/// Which backend `--backend auto` would pick on this host, and why.
+pub fn detect() -> (BackendKind, String) {
+    match dm::DmBackend::probe() {
+        Ok(version) => (
+            BackendKind::Dm,
+            format!("device-mapper {version} with the thin-pool target is available"),
+        ),
+        Err(why) => (
+            BackendKind::Reflink,
+            format!("dm-thin is not usable here ({why}); using reflinked files on XFS"),
+        ),
+    }
+}
+
+/// Removes whatever kernel objects (devices, mounts, loop devices) a pool whose creation was
+/// interrupted may have left, so that it can be created again.
+pub fn scrub(paths: &PoolPaths, settings: &PoolSettings) -> Result<()> {
+    match settings.backend {
+        BackendKind::Dm => dm::DmBackend::scrub(paths, settings),
+        BackendKind::Reflink => reflink::ReflinkBackend::scrub(paths, settings),
+    }
+}

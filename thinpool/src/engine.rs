@@ -1,0 +1,822 @@
+//! The engine: one pool, its records, and the crash-safe sequencing of every change.
+//!
+//! Every state change follows one protocol:
+//! 1. record the intent durably in the store (a record in `Creating` or `Deleting`);
+//! 2. change the backend (kernel), which bumps its transaction id with the change;
+//! 3. record the outcome and the new transaction id durably.
+//!
+//! A crash between 1 and 3 leaves a record in an intermediate state, and [`Pool::open`]
+//! reconciles it: half-done creates are rolled back, half-done deletes are finished, and the
+//! devices that should be active are activated again.
+//!
+//! Concurrency: the store admits one writer at a time, but its transactions are short and
+//! hold no kernel call. Kernel calls hold only the lock of the device they touch (a snapshot
+//! also holds its origin's), so operations on different devices run in parallel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::{info, warn};
+
+use crate::backend::{self, Backend, PoolPaths};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::fsutil;
+use crate::ids::{self, DeviceName, ThinId};
+use crate::model::{
+    AuditReport, BackendKind, DeviceKind, DeviceRecord, DeviceState, FsType, MountSpec,
+    PoolSettings, PoolSpec, PoolStatus,
+};
+use crate::store::{BaseDevice, PoolState, Store};
+use crate::units::Bytes;
+
+/// What [`Pool::snapshot`] makes.
+#[derive(Clone, Debug)]
+pub struct SnapshotRequest {
+    pub name: DeviceName,
+    /// `None`: a snapshot of the base device.
+    pub parent: Option<DeviceName>,
+    /// `Active` (writable) or `View` (read-only). Committed devices come from [`Pool::commit`].
+    pub kind: DeviceKind,
+    /// `None`: the parent's size. Otherwise at least the parent's size; the filesystem is
+    /// grown to fill it.
+    pub size: Option<Bytes>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How [`Pool::remove`] frees the device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RemoveOptions {
+    /// Discard the device's blocks before deleting it.
+    pub discard: bool,
+    /// Only record the removal (the name is free at once); the kernel delete is left to
+    /// [`Pool::reclaim`]. This makes removal cheap for garbage collectors.
+    pub deferred: bool,
+}
+
+/// A thin pool, opened. All methods block; see [`crate::AsyncPool`] for the async facade.
+pub struct Pool {
+    paths: PoolPaths,
+    settings: Mutex<PoolSettings>,
+    store: Store,
+    backend: Box<dyn Backend>,
+    locks: DeviceLocks,
+    /// Holds the root's exclusive lock for as long as the pool is open.
+    _lock: File,
+}
+
+impl Pool {
+    /// Opens the pool at `spec.root`, creating it if it does not exist.
+    ///
+    /// Opening reassembles the backend (after a daemon restart or a host reboot), checks the
+    /// settings in `spec` against the pool's, verifies the base filesystem, and reconciles
+    /// unfinished operations. It never re-initialises existing metadata.
+    pub fn open(spec: &PoolSpec) -> Result<Pool> {
+        let paths = PoolPaths::new(&spec.root);
+        fs::create_dir_all(&paths.root).map_err(|e| Error::io("create pool root", &paths.root, e))?;
+        let lock = lock_root(&paths)?;
+
+        if paths.store_file.exists() {
+            let store = Store::open(&paths.store_file)?;
+            let (state, settings) = store.read(|r| Ok((r.state()?, r.settings()?)))?;
+            if state == PoolState::Ready {
+                check_spec(spec, &settings)?;
+                return Self::reopen(paths, settings, store, lock, spec);
+            }
+            // Creation never finished, so no client ever saw this pool: start again.
+            warn!(root = %paths.root.display(), "pool creation was interrupted; creating it again");
+            drop(store);
+            backend::scrub(&paths, &settings)?;
+            for f in [&paths.data_file, &paths.metadata_file, &paths.store_file] {
+                remove_if_exists(f)?;
+            }
+        } else if paths.data_file.exists() || paths.metadata_file.exists() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} holds pool files but no metadata store; refusing to overwrite them",
+                paths.root.display()
+            )));
+        }
+        Self::create(paths, spec, lock)
+    }
+
+    fn create(paths: PoolPaths, spec: &PoolSpec, lock: File) -> Result<Pool> {
+        let settings = settings_from_spec(spec)?;
+        info!(root = %paths.root.display(), backend = %settings.backend,
+            data = %settings.data_size, metadata = %settings.metadata_size, "creating pool");
+        // The store goes first: if we crash from here on, it says "initializing".
+        let store = Store::create(&paths.store_file, &settings)?;
+        let backend = backend::create(&paths, &settings)?;
+        let pool = Pool {
+            paths,
+            settings: Mutex::new(settings.clone()),
+            store,
+            backend,
+            locks: DeviceLocks::default(),
+            _lock: lock,
+        };
+        let base_id = pool.store.write(|w| w.allocate_id())?;
+        let txn = pool.backend.create_thin(base_id, settings.base_size)?;
+        let dev = pool.backend.activate(base_id, settings.base_size, false)?;
+        let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
+            .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
+        pool.backend.deactivate(base_id)?;
+        let fs_uuid = formatted?;
+        let now = now_ns();
+        pool.store.write(|w| {
+            w.put_device(&DeviceRecord {
+                id: base_id,
+                name: None,
+                kind: DeviceKind::Base,
+                parent: None,
+                size: settings.base_size,
+                state: DeviceState::Ready,
+                active: false,
+                labels: BTreeMap::new(),
+                created_ns: now,
+                updated_ns: now,
+            })?;
+            w.set_base(&BaseDevice { id: base_id, fs_uuid: fs_uuid.clone() })?;
+            w.advance_transaction_id(txn)?;
+            w.set_state(PoolState::Ready)
+        })?;
+        info!(base = %base_id, fs = %settings.fs, uuid = %fs_uuid, "pool created");
+        Ok(pool)
+    }
+
+    fn reopen(
+        paths: PoolPaths,
+        mut settings: PoolSettings,
+        store: Store,
+        lock: File,
+        spec: &PoolSpec,
+    ) -> Result<Pool> {
+        // Settings that may change on an existing pool.
+        let mut changed = false;
+        if let Some(v) = spec.error_if_no_space.filter(|v| *v != settings.error_if_no_space) {
+            settings.error_if_no_space = v;
+            changed = true;
+        }
+        if let Some(v) = spec.mount_options.as_ref().filter(|v| **v != settings.mount_options) {
+            settings.mount_options = v.clone();
+            changed = true;
+        }
+        if changed {
+            store.write(|w| w.set_settings(&settings))?;
+        }
+        info!(root = %paths.root.display(), backend = %settings.backend, "opening pool");
+        let backend = backend::open(&paths, &settings)?;
+        let pool = Pool {
+            paths,
+            settings: Mutex::new(settings),
+            store,
+            backend,
+            locks: DeviceLocks::default(),
+            _lock: lock,
+        };
+        pool.check_transaction_id()?;
+        pool.verify_base()?;
+        pool.reconcile()?;
+        Ok(pool)
+    }
+
+    /// The backend's transaction id may be ahead of ours (changes made before a crash, not
+    /// yet recorded: reconcile handles them), never behind: that would mean the pool's
+    /// metadata lost committed changes.
+    fn check_transaction_id(&self) -> Result<()> {
+        let ours = self.store.read(|r| r.transaction_id())?;
+        let theirs = self.backend.status()?.transaction_id;
+        if theirs < ours {
+            return Err(Error::Inconsistent(format!(
+                "the pool's transaction id is {theirs} but our records are at {ours}: \
+                 the pool metadata is older than our records (restored from a backup?)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn verify_base(&self) -> Result<()> {
+        let base = self.base()?;
+        let settings = self.settings();
+        let rec = self.record(base.id)?;
+        let dev = self.backend.activate(base.id, rec.size, true)?;
+        let uuid = fsutil::fs_uuid(settings.fs, &dev);
+        self.backend.deactivate(base.id)?;
+        let uuid = uuid?;
+        if uuid != base.fs_uuid {
+            return Err(Error::Inconsistent(format!(
+                "base device {} has filesystem UUID {uuid}, but we recorded {}",
+                base.id, base.fs_uuid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rolls back half-done creates, finishes half-done deletes, and brings the set of
+    /// active devices in line with the records.
+    fn reconcile(&self) -> Result<()> {
+        let records = self.store.read(|r| r.devices())?;
+        for rec in &records {
+            match rec.state {
+                DeviceState::Creating => {
+                    warn!(id = %rec.id, name = ?rec.name, "rolling back an unfinished create");
+                    self.undo_create(rec.id)?;
+                }
+                DeviceState::Deleting => {
+                    info!(id = %rec.id, "finishing an unfinished delete");
+                    self.finish_delete(rec.id, false)?;
+                }
+                DeviceState::Ready => {}
+            }
+        }
+        let wanted: BTreeMap<ThinId, DeviceRecord> = self
+            .store
+            .read(|r| r.devices())?
+            .into_iter()
+            .filter(|r| r.active)
+            .map(|r| (r.id, r))
+            .collect();
+        let live = self.backend.active_devices()?;
+        for id in live.keys().filter(|id| !wanted.contains_key(id)) {
+            info!(id = %id, "deactivating a device no record wants active");
+            self.backend.deactivate(*id)?;
+        }
+        for rec in wanted.values() {
+            self.backend.activate(rec.id, rec.size, rec.kind != DeviceKind::Active)?;
+        }
+        // Anything the kernel did that we never recorded is now undone or recorded; catch our
+        // record up with the backend's counter.
+        let txn = self.backend.status()?.transaction_id;
+        self.store.write(|w| w.advance_transaction_id(txn))
+    }
+
+    /// Removes a device whose create did not finish, from the backend and from our records.
+    fn undo_create(&self, id: ThinId) -> Result<()> {
+        let _guard = self.locks.lock(id);
+        self.backend.deactivate(id)?;
+        let txn = self.backend.delete(id)?;
+        self.store.write(|w| {
+            w.remove_device(id)?;
+            w.advance_transaction_id(txn)
+        })?;
+        self.locks.forget(id);
+        Ok(())
+    }
+
+    /// Completes a recorded delete: deactivate, optionally discard, delete, forget.
+    fn finish_delete(&self, id: ThinId, discard: bool) -> Result<()> {
+        let _guard = self.locks.lock(id);
+        if discard {
+            if let Some(rec) = self.store.read(|r| r.device(id))? {
+                let dev = self.backend.activate(id, rec.size, false)?;
+                if let Err(e) = discard_device(&dev) {
+                    warn!(id = %id, error = %e, "discard failed; deleting anyway");
+                }
+            }
+        }
+        self.backend.deactivate(id)?;
+        failpoint::hit("remove:after_deactivate");
+        let txn = self.backend.delete(id)?;
+        failpoint::hit("remove:after_kernel");
+        self.store.write(|w| {
+            w.remove_device(id)?;
+            w.advance_transaction_id(txn)
+        })?;
+        self.locks.forget(id);
+        Ok(())
+    }
+
+    pub fn settings(&self) -> PoolSettings {
+        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn paths(&self) -> &PoolPaths {
+        &self.paths
+    }
+
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    fn base(&self) -> Result<BaseDevice> {
+        self.store
+            .read(|r| r.base())?
+            .ok_or_else(|| Error::Inconsistent("the pool has no base device record".into()))
+    }
+
+    fn record(&self, id: ThinId) -> Result<DeviceRecord> {
+        self.store
+            .read(|r| r.device(id))?
+            .ok_or_else(|| Error::NotFound(format!("thin id {id}")))
+    }
+
+    /// The record of a named device that is ready for use.
+    pub fn device(&self, name: &DeviceName) -> Result<DeviceRecord> {
+        let rec = self
+            .store
+            .read(|r| r.device_by_name(name))?
+            .ok_or_else(|| Error::NotFound(format!("device {name:?}")))?;
+        match rec.state {
+            DeviceState::Ready => Ok(rec),
+            DeviceState::Creating => Err(Error::FailedPrecondition(format!(
+                "device {name:?} is still being created"
+            ))),
+            DeviceState::Deleting => Err(Error::NotFound(format!("device {name:?}"))),
+        }
+    }
+
+    /// Every record, including the base device and records mid-operation, in id order.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.store.read(|r| r.devices())
+    }
+
+    /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
+    ///
+    /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
+    /// `InvalidArgument` for a bad kind or a size below the parent's.
+    pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
+        if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
+            return Err(Error::InvalidArgument(format!(
+                "a snapshot is active or view, not {}",
+                req.kind
+            )));
+        }
+        ids::validate_labels(&req.labels)?;
+        if let Some(size) = req.size {
+            if size.0 == 0 || size.0 % 4096 != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "size {} is not a positive multiple of 4 KiB",
+                    size.0
+                )));
+            }
+        }
+        let base = self.base()?;
+        let now = now_ns();
+        // 1. Intent: the record, in Creating.
+        let rec = self.store.write(|w| {
+            if w.device_by_name(&req.name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("device {:?}", req.name.as_str())));
+            }
+            let origin = match &req.parent {
+                None => w.device(base.id)?.ok_or_else(|| {
+                    Error::Inconsistent("the base device record is missing".into())
+                })?,
+                Some(p) => match w.device_by_name(p)? {
+                    Some(o) if o.state == DeviceState::Ready => o,
+                    Some(_) => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "parent {p:?} is being created or removed"
+                        )));
+                    }
+                    None => return Err(Error::NotFound(format!("parent {p:?}"))),
+                },
+            };
+            let size = req.size.unwrap_or(origin.size);
+            if size < origin.size {
+                return Err(Error::InvalidArgument(format!(
+                    "size {size} is below the parent's {}",
+                    origin.size
+                )));
+            }
+            let rec = DeviceRecord {
+                id: w.allocate_id()?,
+                name: Some(req.name.clone()),
+                kind: req.kind,
+                parent: Some(origin.id),
+                size,
+                state: DeviceState::Creating,
+                active: false,
+                labels: req.labels.clone(),
+                created_ns: now,
+                updated_ns: now,
+            };
+            w.put_device(&rec)?;
+            Ok(rec)
+        })?;
+        failpoint::hit("snapshot:after_intent");
+        let origin = rec.parent.expect("a snapshot has an origin");
+
+        // 2. The kernel change, then the filesystem grow if a larger size was asked for.
+        let made = (|| {
+            let txn = {
+                let _origin_guard = self.locks.lock(origin);
+                self.backend.create_snapshot(rec.id, origin, rec.size)?
+            };
+            failpoint::hit("snapshot:after_kernel");
+            let origin_size = self.record(origin)?.size;
+            if rec.size > origin_size {
+                self.grow_filesystem(rec.id, rec.size)?;
+            }
+            Ok(txn)
+        })();
+        let txn = match made {
+            Ok(txn) => txn,
+            Err(e) => {
+                if let Err(undo) = self.undo_create(rec.id) {
+                    warn!(id = %rec.id, error = %undo,
+                        "could not roll back a failed create; the next open will");
+                }
+                return Err(e);
+            }
+        };
+
+        // 3. The outcome.
+        let mut done = rec;
+        done.state = DeviceState::Ready;
+        self.store.write(|w| {
+            w.put_device(&done)?;
+            w.advance_transaction_id(txn)
+        })?;
+        Ok(done)
+    }
+
+    fn grow_filesystem(&self, id: ThinId, size: Bytes) -> Result<()> {
+        let fs = self.settings().fs;
+        let _guard = self.locks.lock(id);
+        let dev = self.backend.activate(id, size, false)?;
+        let scratch = self.paths.root.join("resize").join(id.to_string());
+        let grown = fsutil::grow(fs, &dev, &scratch);
+        self.backend.deactivate(id)?;
+        grown
+    }
+
+    /// Turns the active device `key` into a committed (read-only) one named `name`, and
+    /// deactivates it. Only records change, so this is fast.
+    pub fn commit(
+        &self,
+        key: &DeviceName,
+        name: &DeviceName,
+        labels: Option<BTreeMap<String, String>>,
+    ) -> Result<DeviceRecord> {
+        if let Some(l) = &labels {
+            ids::validate_labels(l)?;
+        }
+        let rec = self.device(key)?;
+        if rec.kind != DeviceKind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "{key:?} is {}, only an active device can be committed",
+                rec.kind
+            )));
+        }
+        // Deactivate first: a committed layer must not stay writable through an old node.
+        {
+            let _guard = self.locks.lock(rec.id);
+            self.backend.deactivate(rec.id)?;
+        }
+        self.store.write(|w| {
+            if w.device_by_name(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
+            }
+            let mut cur = w
+                .device(rec.id)?
+                .filter(|r| r.state == DeviceState::Ready)
+                .ok_or_else(|| Error::NotFound(format!("device {key:?}")))?;
+            cur.kind = DeviceKind::Committed;
+            cur.name = Some(name.clone());
+            cur.active = false;
+            if let Some(l) = labels {
+                cur.labels = l;
+            }
+            cur.updated_ns = now_ns();
+            w.put_device(&cur)?;
+            Ok(cur)
+        })
+    }
+
+    /// Replaces a device's labels.
+    pub fn set_labels(
+        &self,
+        name: &DeviceName,
+        labels: BTreeMap<String, String>,
+    ) -> Result<DeviceRecord> {
+        ids::validate_labels(&labels)?;
+        self.store.write(|w| {
+            let mut rec = w
+                .device_by_name(name)?
+                .filter(|r| r.state == DeviceState::Ready)
+                .ok_or_else(|| Error::NotFound(format!("device {name:?}")))?;
+            rec.labels = labels;
+            rec.updated_ns = now_ns();
+            w.put_device(&rec)?;
+            Ok(rec)
+        })
+    }
+
+    /// Activates a device and returns how to mount it: read-only unless it is active-kind.
+    /// Activating an active device returns its spec again.
+    pub fn activate(&self, name: &DeviceName) -> Result<MountSpec> {
+        let rec = self.device(name)?;
+        if !rec.active {
+            self.store.write(|w| {
+                let mut cur = w
+                    .device(rec.id)?
+                    .filter(|r| r.state == DeviceState::Ready)
+                    .ok_or_else(|| Error::NotFound(format!("device {name:?}")))?;
+                cur.active = true;
+                w.put_device(&cur)
+            })?;
+        }
+        let read_only = rec.kind != DeviceKind::Active;
+        let source = {
+            let _guard = self.locks.lock(rec.id);
+            self.backend.activate(rec.id, rec.size, read_only)?
+        };
+        Ok(self.mount_spec(source, read_only))
+    }
+
+    fn mount_spec(&self, source: PathBuf, read_only: bool) -> MountSpec {
+        let settings = self.settings();
+        let mut options = settings.mount_options.clone();
+        if read_only {
+            options.push("ro".into());
+        }
+        if settings.fs == FsType::Xfs {
+            // Every snapshot carries the base filesystem's UUID; xfs refuses a second mount
+            // of the same UUID without this.
+            options.push("nouuid".into());
+        }
+        MountSpec {
+            source,
+            fs_type: settings.fs,
+            options,
+        }
+    }
+
+    /// Deactivates a device. Fails with `FailedPrecondition` while it is mounted or open.
+    pub fn deactivate(&self, name: &DeviceName) -> Result<()> {
+        let rec = self.device(name)?;
+        self.store.write(|w| {
+            if let Some(mut cur) = w.device(rec.id)? {
+                cur.active = false;
+                w.put_device(&cur)?;
+            }
+            Ok(())
+        })?;
+        let _guard = self.locks.lock(rec.id);
+        self.backend.deactivate(rec.id)
+    }
+
+    /// Removes a device. Fails with `FailedPrecondition` if it has children.
+    pub fn remove(&self, name: &DeviceName, opts: RemoveOptions) -> Result<()> {
+        let id = self.store.write(|w| {
+            let mut rec = w
+                .device_by_name(name)?
+                .filter(|r| r.state != DeviceState::Deleting)
+                .ok_or_else(|| Error::NotFound(format!("device {name:?}")))?;
+            if rec.state == DeviceState::Creating {
+                return Err(Error::FailedPrecondition(format!(
+                    "device {name:?} is still being created"
+                )));
+            }
+            let children = w.children(rec.id)?;
+            if !children.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "device {name:?} has {} children; remove them first",
+                    children.len()
+                )));
+            }
+            rec.state = DeviceState::Deleting;
+            rec.name = None;
+            rec.active = false;
+            rec.updated_ns = now_ns();
+            w.put_device(&rec)?;
+            Ok(rec.id)
+        })?;
+        failpoint::hit("remove:after_intent");
+        if opts.deferred {
+            return Ok(());
+        }
+        self.finish_delete(id, opts.discard)
+    }
+
+    /// Finishes every recorded delete (those left by deferred removes or failures) and
+    /// returns how many devices were freed.
+    pub fn reclaim(&self) -> Result<usize> {
+        let pending: Vec<ThinId> = self
+            .store
+            .read(|r| r.devices())?
+            .into_iter()
+            .filter(|r| r.state == DeviceState::Deleting)
+            .map(|r| r.id)
+            .collect();
+        for id in &pending {
+            self.finish_delete(*id, false)?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Bytes the device has mapped in the pool.
+    pub fn usage(&self, name: &DeviceName) -> Result<Bytes> {
+        let rec = self.device(name)?;
+        let _guard = self.locks.lock(rec.id);
+        self.backend.mapped_bytes(rec.id, rec.size)
+    }
+
+    pub fn status(&self) -> Result<PoolStatus> {
+        let settings = self.settings();
+        let kernel = self.backend.status()?;
+        let devices = self.store.read(|r| r.device_count())? as usize;
+        Ok(PoolStatus {
+            backend: settings.backend,
+            kernel,
+            block_size: settings.block_size,
+            base_size: settings.base_size,
+            fs: settings.fs,
+            devices,
+            data_file: self.paths.data_file.clone(),
+            metadata_file: self.paths.metadata_file.clone(),
+        })
+    }
+
+    /// Compares our records with the backend's own metadata.
+    pub fn audit(&self) -> Result<AuditReport> {
+        let records = self.store.read(|r| r.devices())?;
+        let theirs = self.backend.list_ids()?;
+        let ours: std::collections::BTreeSet<ThinId> = records.iter().map(|r| r.id).collect();
+        Ok(AuditReport {
+            leaked: theirs.difference(&ours).copied().collect(),
+            missing: ours.difference(&theirs).copied().collect(),
+            unfinished: records
+                .iter()
+                .filter(|r| r.state != DeviceState::Ready)
+                .map(|r| r.id)
+                .collect(),
+        })
+    }
+
+    /// Closes the pool. With `teardown`, also removes every device, the pool and its loop
+    /// devices from the kernel, as a reboot would; without, active devices stay active for
+    /// the containers using them.
+    pub fn close(self, teardown: bool) -> Result<()> {
+        if teardown {
+            self.backend.teardown()?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-device locks: kernel calls on one device are serialised, different devices are not.
+#[derive(Default)]
+struct DeviceLocks {
+    map: Mutex<HashMap<ThinId, Arc<parking_lot::Mutex<()>>>>,
+}
+
+/// Holds one device's lock until dropped.
+type DeviceGuard = parking_lot::ArcMutexGuard<parking_lot::RawMutex, ()>;
+
+impl DeviceLocks {
+    fn lock(&self, id: ThinId) -> DeviceGuard {
+        let lock = self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default()
+            .clone();
+        lock.lock_arc()
+    }
+
+    fn forget(&self, id: ThinId) {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+fn lock_root(paths: &PoolPaths) -> Result<File> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock_file)
+        .map_err(|e| Error::io("open lock file", &paths.lock_file, e))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "another process holds the pool at {} (lock {})",
+            paths.root.display(),
+            paths.lock_file.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn remove_if_exists(path: &std::path::Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Discards every block of a device (BLKDISCARD over its whole length).
+fn discard_device(dev: &std::path::Path) -> Result<()> {
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_write_ptr_bad!(blkdiscard, nix::request_code_none!(0x12, 119), [u64; 2]);
+    let f = File::options()
+        .write(true)
+        .open(dev)
+        .map_err(|e| Error::io("open device", dev, e))?;
+    let mut len = 0u64;
+    // SAFETY: both ioctls get a valid fd and correctly sized arguments.
+    unsafe {
+        blkgetsize64(f.as_raw_fd(), &mut len)
+            .map_err(|e| Error::io("BLKGETSIZE64", dev, e.into()))?;
+        blkdiscard(f.as_raw_fd(), &[0, len]).map_err(|e| Error::io("BLKDISCARD", dev, e.into()))?;
+    }
+    Ok(())
+}
+
+fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
+    let backend = spec.backend.unwrap_or_else(|| backend::detect().0);
+    let fs = spec.fs.unwrap_or(FsType::Ext4);
+    let s = PoolSettings {
+        backend,
+        data_size: spec.data_size.unwrap_or(PoolSettings::DEFAULT_DATA_SIZE),
+        metadata_size: spec.metadata_size.unwrap_or(PoolSettings::DEFAULT_METADATA_SIZE),
+        block_size: spec.block_size.unwrap_or(PoolSettings::DEFAULT_BLOCK_SIZE),
+        base_size: spec.base_size.unwrap_or(PoolSettings::DEFAULT_BASE_SIZE),
+        fs,
+        mkfs_options: spec
+            .mkfs_options
+            .clone()
+            .unwrap_or_else(|| PoolSettings::default_mkfs_options(fs)),
+        mount_options: spec.mount_options.clone().unwrap_or_default(),
+        error_if_no_space: spec.error_if_no_space.unwrap_or(true),
+        tag: random_tag(),
+    };
+    let bs = s.block_size.0;
+    if bs < Bytes::kib(64).0 || bs > Bytes::gib(1).0 || bs % Bytes::kib(64).0 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "block size {}: must be a multiple of 64 KiB between 64 KiB and 1 GiB",
+            s.block_size
+        )));
+    }
+    if s.data_size.0 < 16 * bs || s.data_size.0 % bs != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "data size {}: must be a multiple of the block size and at least 16 blocks",
+            s.data_size
+        )));
+    }
+    if s.metadata_size < Bytes::mib(2) || s.metadata_size.0 % 4096 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "metadata size {}: must be a multiple of 4 KiB and at least 2 MiB",
+            s.metadata_size
+        )));
+    }
+    if s.base_size < Bytes::mib(16) || s.base_size.0 % 4096 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "base size {}: must be a multiple of 4 KiB and at least 16 MiB",
+            s.base_size
+        )));
+    }
+    Ok(s)
+}
+
+/// 8 hex digits from the kernel's random source, naming this pool's kernel objects.
+fn random_tag() -> String {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // Fall back to time and pid; uniqueness across pools on one host is all we need.
+        let x = now_ns() as u32 ^ std::process::id();
+        b = x.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Fails with a [`Error::SettingConflict`] naming the first setting in `spec` that differs
+/// from the pool's.
+fn check_spec(spec: &PoolSpec, s: &PoolSettings) -> Result<()> {
+    fn conflict<T: PartialEq + std::fmt::Debug>(
+        setting: &'static str,
+        requested: &Option<T>,
+        on_disk: &T,
+    ) -> Result<()> {
+        match requested {
+            Some(r) if r != on_disk => Err(Error::SettingConflict {
+                setting,
+                on_disk: format!("{on_disk:?}"),
+                requested: format!("{r:?}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+    conflict("backend", &spec.backend, &s.backend)?;
+    conflict("data_size", &spec.data_size, &s.data_size)?;
+    conflict("metadata_size", &spec.metadata_size, &s.metadata_size)?;
+    conflict("block_size", &spec.block_size, &s.block_size)?;
+    conflict("base_size", &spec.base_size, &s.base_size)?;
+    conflict("fs", &spec.fs, &s.fs)?;
+    conflict("mkfs_options", &spec.mkfs_options, &s.mkfs_options)
+}

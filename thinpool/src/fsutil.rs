@@ -1,0 +1,119 @@
+//! Filesystems on thin devices: mkfs, superblock UUIDs, online grow, and running tools.
+//!
+//! Tools are run with an argument vector, never through a shell, and only ever with paths we
+//! made: client strings never reach a command line.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Error, Result};
+use crate::model::FsType;
+
+/// Debian package that ships each tool we run, for "install X" errors.
+fn package_of(tool: &'static str) -> &'static str {
+    match tool {
+        "mkfs.ext4" | "resize2fs" | "e2fsck" => "e2fsprogs",
+        "mkfs.xfs" | "xfs_growfs" => "xfsprogs",
+        "thin_ls" | "thin_check" | "thin_dump" => "thin-provisioning-tools",
+        _ => "(unknown)",
+    }
+}
+
+/// Finds `tool` on PATH or in the sbin directories, which a non-login PATH may lack.
+pub fn find_tool(tool: &'static str) -> Result<std::path::PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"]);
+    for dir in dirs.filter(|d| !d.is_empty()) {
+        let p = Path::new(dir).join(tool);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(Error::MissingTool {
+        tool,
+        package: package_of(tool),
+    })
+}
+
+/// Runs `tool` with `args` and returns its stdout; a non-zero exit is an error carrying stderr.
+pub fn run(tool: &'static str, args: &[&std::ffi::OsStr]) -> Result<String> {
+    let exe = find_tool(tool)?;
+    let out = Command::new(&exe)
+        .args(args)
+        .output()
+        .map_err(|e| Error::io("run", &exe, e))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            program: tool.to_string(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes a filesystem on `dev` with the extra `options` before the device argument.
+pub fn mkfs(fs: FsType, dev: &Path, options: &[String]) -> Result<()> {
+    let tool = match fs {
+        FsType::Ext4 => "mkfs.ext4",
+        FsType::Xfs => "mkfs.xfs",
+    };
+    let mut args: Vec<&std::ffi::OsStr> = vec!["-q".as_ref()];
+    if fs == FsType::Ext4 {
+        args.push("-F".as_ref());
+    } else {
+        args.push("-f".as_ref());
+    }
+    args.extend(options.iter().map(|o| std::ffi::OsStr::new(o.as_str())));
+    args.push(dev.as_os_str());
+    run(tool, &args).map(drop)
+}
+
+/// Reads the filesystem UUID from the superblock on `dev`, as 32 lowercase hex digits.
+pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
+    // ext4: superblock at byte 1024, s_uuid at offset 0x68. xfs: superblock at 0, sb_uuid at 32.
+    let (magic_at, magic, uuid_at): (u64, &[u8], u64) = match fs {
+        FsType::Ext4 => (1024 + 0x38, &[0x53, 0xEF], 1024 + 0x68),
+        FsType::Xfs => (0, b"XFSB", 32),
+    };
+    let mut f = File::open(dev).map_err(|e| Error::io("open device", dev, e))?;
+    let mut read_at = |off: u64, buf: &mut [u8]| {
+        f.seek(SeekFrom::Start(off))
+            .and_then(|_| f.read_exact(buf))
+            .map_err(|e| Error::io("read superblock", dev, e))
+    };
+    let mut m = vec![0u8; magic.len()];
+    read_at(magic_at, &mut m)?;
+    if m != magic {
+        return Err(Error::Inconsistent(format!(
+            "{} holds no {fs} superblock",
+            dev.display()
+        )));
+    }
+    let mut uuid = [0u8; 16];
+    read_at(uuid_at, &mut uuid)?;
+    Ok(uuid.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Grows the filesystem on `dev` to fill the device. The device must not be mounted
+/// elsewhere; we mount it privately under `scratch` because xfs grows only when mounted.
+pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
+    use nix::mount::{MsFlags, mount, umount2, MntFlags};
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    let opts = if fs == FsType::Xfs { Some("nouuid") } else { None };
+    mount(Some(dev), scratch, Some(fs.to_string().as_str()), MsFlags::empty(), opts)
+        .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
+    let result = match fs {
+        FsType::Ext4 => run("resize2fs", &[dev.as_os_str()]),
+        FsType::Xfs => run("xfs_growfs", &[scratch.as_os_str()]),
+    };
+    let unmounted = umount2(scratch, MntFlags::empty())
+        .map_err(|e| Error::io("unmount after resize", scratch, e.into()));
+    let _ = std::fs::remove_dir(scratch);
+    result?;
+    unmounted
+}

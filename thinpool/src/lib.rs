@@ -1,0 +1,26 @@
+//! thinpool: thin-provisioned block devices with copy-on-write snapshots, on two sparse
+//! loopback files, for container image layers and container root filesystems.
+//!
+//! Layout: [`Pool`] (the engine) keeps records in the [`store`] and changes storage through
+//! one [`backend::Backend`] trait, implemented by [`backend::dm`] (the kernel's dm-thin) and
+//! [`backend::reflink`] (reflinked files on XFS, for hosts without dm-thin). [`AsyncPool`]
+//! runs the engine's blocking calls on tokio's blocking pool.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod failpoint;
+pub mod fsutil;
+pub mod ids;
+pub mod loopback;
+pub mod model;
+pub mod store;
+pub mod units;
+mod asyncpool;
+
+pub use asyncpool::AsyncPool;
+pub use engine::{Pool, RemoveOptions, SnapshotRequest};
+pub use error::{Error, ErrorKind, Result};
+pub use ids::{DeviceName, ThinId};
+pub use model::*;
+pub use units::{Bytes, DataBlocks, Sectors};
