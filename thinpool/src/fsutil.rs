@@ -21,13 +21,11 @@ fn package_of(tool: &'static str) -> &'static str {
     }
 }
 
-/// Finds `tool` on PATH or in the sbin directories, which a non-login PATH may lack.
+/// Finds `tool` on PATH (or, when PATH is unset, in the usual bin and sbin directories).
 pub fn find_tool(tool: &'static str) -> Result<std::path::PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"]);
-    for dir in dirs.filter(|d| !d.is_empty()) {
+    let path = std::env::var("PATH")
+        .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
         let p = Path::new(dir).join(tool);
         if p.is_file() {
             return Ok(p);
