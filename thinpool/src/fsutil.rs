@@ -115,3 +115,38 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     result?;
     unmounted
 }
+
+/// Mounts a device as a [`MountSpec`] says. Flag-like options (`ro`, `nosuid`, ...) become
+/// mount flags; the rest are passed to the filesystem.
+pub fn mount(spec: &crate::model::MountSpec, target: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in &spec.options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" => flags &= !MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            other => data.push(other),
+        }
+    }
+    let data = data.join(",");
+    nix::mount::mount(
+        Some(spec.source.as_path()),
+        target,
+        Some(spec.fs_type.to_string().as_str()),
+        flags,
+        (!data.is_empty()).then_some(data.as_str()),
+    )
+    .map_err(|e| Error::io("mount", target, e.into()))
+}
+
+/// Unmounts `target`.
+pub fn unmount(target: &Path) -> Result<()> {
+    nix::mount::umount2(target, nix::mount::MntFlags::empty())
+        .map_err(|e| Error::io("unmount", target, e.into()))
+}
