@@ -109,6 +109,7 @@ impl Pool {
             data = %settings.data_size, metadata = %settings.metadata_size, "creating pool");
         // The store goes first: if we crash from here on, it says "initializing".
         let store = Store::create(&paths.store_file, &settings)?;
+        failpoint::hit("pool_create:after_store");
         let backend = backend::create(&paths, &settings)?;
         let pool = Pool {
             paths,
@@ -125,6 +126,7 @@ impl Pool {
             .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
         pool.backend.deactivate(base_id)?;
         let fs_uuid = formatted?;
+        failpoint::hit("pool_create:after_mkfs");
         let now = now_ns();
         pool.store.write(|w| {
             w.put_device(&DeviceRecord {
@@ -396,7 +398,9 @@ impl Pool {
             w.put_device(&rec)?;
             Ok(rec)
         })?;
-        failpoint::hit("snapshot:after_intent");
+        // A parentless device is a "create" (of a snapshot of the base) to the failpoints.
+        let op = if req.parent.is_none() { "create" } else { "snapshot" };
+        failpoint::hit(&format!("{op}:after_intent"));
         let origin = rec.parent.expect("a snapshot has an origin");
 
         // 2. The kernel change, then the filesystem grow if a larger size was asked for.
@@ -405,7 +409,7 @@ impl Pool {
                 let _origin_guard = self.locks.lock(origin);
                 self.backend.create_snapshot(rec.id, origin, rec.size)?
             };
-            failpoint::hit("snapshot:after_kernel");
+            failpoint::hit(&format!("{op}:after_kernel"));
             let origin_size = self.record(origin)?.size;
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
