@@ -11,6 +11,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod iobench;
+
 use sha2::{Digest, Sha256};
 use thinpool::{
     BackendKind, Bytes, DeviceKind, DeviceName, MountSpec, Pool, PoolSpec, SnapshotRequest,
