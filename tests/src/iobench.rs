@@ -20,14 +20,14 @@ impl AlignedBuf {
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "allocation failed");
         let mut b = AlignedBuf { ptr, layout };
-        b.as_mut().copy_from_slice(&crate::pattern(fill_seed, len));
+        b.bytes_mut().copy_from_slice(&crate::pattern(fill_seed, len));
         b
     }
-    pub fn as_ref(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: ptr is valid for layout.size() bytes for the life of self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
     }
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
     }
@@ -56,7 +56,7 @@ pub fn seq_write(dev: &Path, total: u64) -> f64 {
     let t = Instant::now();
     let mut off = 0;
     while off < total {
-        f.write_all_at(buf.as_ref(), off).expect("write");
+        f.write_all_at(buf.bytes(), off).expect("write");
         off += 1 << 20;
     }
     f.sync_all().expect("fsync");
@@ -70,7 +70,7 @@ pub fn seq_read(dev: &Path, total: u64) -> f64 {
     let t = Instant::now();
     let mut off = 0;
     while off < total {
-        f.read_exact_at(buf.as_mut(), off).expect("read");
+        f.read_exact_at(buf.bytes_mut(), off).expect("read");
         off += 1 << 20;
     }
     total as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
@@ -87,7 +87,8 @@ pub fn rand_write(dev: &Path, span: u64, ops: u64) -> f64 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        f.write_all_at(buf.as_ref(), (x % blocks) * 4096).expect("write");
+        f.write_all_at(buf.bytes(), (x % blocks) * 4096)
+            .expect("write");
     }
     f.sync_all().expect("fsync");
     ops as f64 / t.elapsed().as_secs_f64()

@@ -30,7 +30,9 @@ pub fn backend() -> BackendKind {
 /// `THINPOOL_TEST_REBOOT_PHASE`: unset natively (a test simulates the reboot itself); 1 or
 /// 2 in the VM, which really reboots between the phases.
 pub fn reboot_phase() -> Option<u32> {
-    std::env::var("THINPOOL_TEST_REBOOT_PHASE").ok().and_then(|p| p.parse().ok())
+    std::env::var("THINPOOL_TEST_REBOOT_PHASE")
+        .ok()
+        .and_then(|p| p.parse().ok())
 }
 
 /// The directory under which tests make pools.
@@ -185,7 +187,10 @@ pub fn read_file(path: &Path) -> Vec<u8> {
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so checksums mean something.

@@ -13,12 +13,23 @@ use thinpool::{
 use thinpool_tests::*;
 
 /// Makes a committed layer `name` on top of `parent`, holding `file` with `data`.
-fn make_layer(tp: &mut TestPool, key: &str, name_: &str, parent: Option<&str>, file: &str, data: &[u8]) {
-    tp.pool().snapshot(request(key, parent, DeviceKind::Active)).expect("prepare layer");
+fn make_layer(
+    tp: &mut TestPool,
+    key: &str,
+    name_: &str,
+    parent: Option<&str>,
+    file: &str,
+    data: &[u8],
+) {
+    tp.pool()
+        .snapshot(request(key, parent, DeviceKind::Active))
+        .expect("prepare layer");
     let dir = tp.mount(key);
     write_file(&dir.join(file), data);
     tp.unmount(&dir);
-    tp.pool().commit(&name(key), &name(name_), None).expect("commit layer");
+    tp.pool()
+        .commit(&name(key), &name(name_), None)
+        .expect("commit layer");
 }
 
 #[test]
@@ -48,8 +59,16 @@ fn default_sized_pool_files_are_sparse() {
         st.base_size
     );
     // Actual disk use is in MiB: the formatted 10 GiB base writes its inode tables once.
-    assert!(data_alloc < Bytes::mib(1024).0, "data file uses {}", Bytes(data_alloc));
-    assert!(meta_alloc < Bytes::mib(64).0, "metadata file uses {}", Bytes(meta_alloc));
+    assert!(
+        data_alloc < Bytes::mib(1024).0,
+        "data file uses {}",
+        Bytes(data_alloc)
+    );
+    assert!(
+        meta_alloc < Bytes::mib(64).0,
+        "metadata file uses {}",
+        Bytes(meta_alloc)
+    );
     assert_eq!(st.base_size, PoolSettings::DEFAULT_BASE_SIZE);
     tp.assert_audit_clean();
 }
@@ -61,7 +80,14 @@ fn layer_chain_container_and_view() {
     for i in 1..=10 {
         let layer = format!("layer{i}");
         let data = pattern(i, 4096 + i as usize);
-        make_layer(&mut tp, &format!("extract-{i}"), &layer, parent.as_deref(), &format!("file{i}"), &data);
+        make_layer(
+            &mut tp,
+            &format!("extract-{i}"),
+            &layer,
+            parent.as_deref(),
+            &format!("file{i}"),
+            &data,
+        );
         parent = Some(layer);
     }
     tp.pool()
@@ -70,7 +96,11 @@ fn layer_chain_container_and_view() {
     let c = tp.mount("container");
     for i in 1..=10 {
         let got = read_file(&c.join(format!("file{i}")));
-        assert_eq!(got, pattern(i, 4096 + i as usize), "file{i} in the container");
+        assert_eq!(
+            got,
+            pattern(i, 4096 + i as usize),
+            "file{i} in the container"
+        );
     }
     write_file(&c.join("container-only"), b"written by the container");
 
@@ -79,10 +109,16 @@ fn layer_chain_container_and_view() {
         .snapshot(request("view", Some("layer10"), DeviceKind::View))
         .expect("view");
     let spec = tp.pool().activate(&name("view")).expect("activate view");
-    assert!(spec.options.iter().any(|o| o == "ro"), "view mount spec {spec:?}");
+    assert!(
+        spec.options.iter().any(|o| o == "ro"),
+        "view mount spec {spec:?}"
+    );
     let v = tp.mount_spec("view", &spec);
     assert!(v.join("file10").exists());
-    assert!(!v.join("container-only").exists(), "container write leaked into its parent");
+    assert!(
+        !v.join("container-only").exists(),
+        "container write leaked into its parent"
+    );
     let err = fs::write(v.join("new"), b"x").expect_err("a view must be read-only");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
     tp.unmount(&v);
@@ -97,20 +133,53 @@ fn layer_chain_container_and_view() {
 fn remove_refuses_parents_and_frees_leaves() {
     let mut tp = TestPool::small("remove");
     make_layer(&mut tp, "k", "parent", None, "f", b"parent");
-    tp.pool().snapshot(request("child", Some("parent"), DeviceKind::Active)).unwrap();
-    let err = tp.pool().remove(&name("parent"), RemoveOptions::default()).unwrap_err();
+    tp.pool()
+        .snapshot(request("child", Some("parent"), DeviceKind::Active))
+        .unwrap();
+    let err = tp
+        .pool()
+        .remove(&name("parent"), RemoveOptions::default())
+        .unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
-    tp.pool().remove(&name("child"), RemoveOptions::default()).expect("remove leaf");
-    assert!(matches!(tp.pool().device(&name("child")), Err(Error::NotFound(_))));
-    tp.pool().remove(&name("parent"), RemoveOptions { discard: true, deferred: false })
+    tp.pool()
+        .remove(&name("child"), RemoveOptions::default())
+        .expect("remove leaf");
+    assert!(matches!(
+        tp.pool().device(&name("child")),
+        Err(Error::NotFound(_))
+    ));
+    tp.pool()
+        .remove(
+            &name("parent"),
+            RemoveOptions {
+                discard: true,
+                deferred: false,
+            },
+        )
         .expect("parent is a leaf now");
-    let err = tp.pool().remove(&name("parent"), RemoveOptions::default()).unwrap_err();
+    let err = tp
+        .pool()
+        .remove(&name("parent"), RemoveOptions::default())
+        .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     // Names are free again at once.
-    tp.pool().snapshot(request("child", None, DeviceKind::Active)).expect("reuse name");
+    tp.pool()
+        .snapshot(request("child", None, DeviceKind::Active))
+        .expect("reuse name");
     // Deferred removal frees the name now and the device at reclaim.
-    tp.pool().remove(&name("child"), RemoveOptions { discard: false, deferred: true }).unwrap();
-    assert!(!tp.pool().audit().unwrap().is_clean(), "the pending delete shows as unfinished");
+    tp.pool()
+        .remove(
+            &name("child"),
+            RemoveOptions {
+                discard: false,
+                deferred: true,
+            },
+        )
+        .unwrap();
+    assert!(
+        !tp.pool().audit().unwrap().is_clean(),
+        "the pending delete shows as unfinished"
+    );
     assert_eq!(tp.pool().reclaim().unwrap(), 1);
     tp.assert_audit_clean();
 }
@@ -118,25 +187,40 @@ fn remove_refuses_parents_and_frees_leaves() {
 #[test]
 fn bad_requests_get_clear_errors() {
     let mut tp = TestPool::small("errors");
-    tp.pool().snapshot(request("a", None, DeviceKind::Active)).unwrap();
-    let dup = tp.pool().snapshot(request("a", None, DeviceKind::Active)).unwrap_err();
+    tp.pool()
+        .snapshot(request("a", None, DeviceKind::Active))
+        .unwrap();
+    let dup = tp
+        .pool()
+        .snapshot(request("a", None, DeviceKind::Active))
+        .unwrap_err();
     assert!(matches!(dup, Error::AlreadyExists(_)), "{dup}");
-    let missing = tp.pool().snapshot(request("b", Some("nope"), DeviceKind::Active)).unwrap_err();
+    let missing = tp
+        .pool()
+        .snapshot(request("b", Some("nope"), DeviceKind::Active))
+        .unwrap_err();
     assert!(matches!(missing, Error::NotFound(_)), "{missing}");
     let mut small = request("c", None, DeviceKind::Active);
     small.size = Some(Bytes::mib(16));
     let e = tp.pool().snapshot(small).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
-    let committed = tp.pool().commit(&name("nope"), &name("x"), None).unwrap_err();
+    let committed = tp
+        .pool()
+        .commit(&name("nope"), &name("x"), None)
+        .unwrap_err();
     assert!(matches!(committed, Error::NotFound(_)), "{committed}");
     // A mounted device cannot be deactivated.
     let dir = tp.mount("a");
     let busy = tp.pool().deactivate(&name("a")).unwrap_err();
     assert!(matches!(busy, Error::FailedPrecondition(_)), "{busy}");
     tp.unmount(&dir);
-    tp.pool().deactivate(&name("a")).expect("deactivate after unmount");
+    tp.pool()
+        .deactivate(&name("a"))
+        .expect("deactivate after unmount");
     // The same root cannot be opened twice.
-    let second = Pool::open(&small_spec(&tp.root)).err().expect("second open must fail");
+    let second = Pool::open(&small_spec(&tp.root))
+        .err()
+        .expect("second open must fail");
     assert!(matches!(second, Error::FailedPrecondition(_)), "{second}");
     // Nothing half-made was left behind by any of the failures.
     tp.assert_audit_clean();
@@ -162,14 +246,19 @@ fn conflicting_settings_are_named() {
 #[test]
 fn usage_grows_with_writes() {
     let mut tp = TestPool::small("usage");
-    tp.pool().snapshot(request("u", None, DeviceKind::Active)).unwrap();
+    tp.pool()
+        .snapshot(request("u", None, DeviceKind::Active))
+        .unwrap();
     let before = tp.pool().usage(&name("u")).unwrap();
     let dir = tp.mount("u");
     write_file(&dir.join("big"), &pattern(7, 32 << 20));
     tp.unmount(&dir);
     let after = tp.pool().usage(&name("u")).unwrap();
     println!("usage before {before}, after writing 32 MiB {after}");
-    assert!(after.0 >= before.0 + (30 << 20), "usage {before} -> {after}");
+    assert!(
+        after.0 >= before.0 + (30 << 20),
+        "usage {before} -> {after}"
+    );
 }
 
 #[test]
@@ -182,18 +271,26 @@ fn larger_snapshot_grows_its_filesystem() {
     let dir = tp.mount("big");
     let st = nix::sys::statvfs::statvfs(&dir).unwrap();
     let fs_size = st.blocks() as u64 * st.fragment_size() as u64;
-    assert!(fs_size > Bytes::mib(400).0, "filesystem is only {}", Bytes(fs_size));
+    assert!(
+        fs_size > Bytes::mib(400).0,
+        "filesystem is only {}",
+        Bytes(fs_size)
+    );
     tp.unmount(&dir);
 }
 
 #[test]
 fn snapshot_of_an_active_mounted_origin() {
     let mut tp = TestPool::small("active-origin");
-    tp.pool().snapshot(request("origin", None, DeviceKind::Active)).unwrap();
+    tp.pool()
+        .snapshot(request("origin", None, DeviceKind::Active))
+        .unwrap();
     let dir = tp.mount("origin");
     write_file(&dir.join("before"), b"before the snapshot");
     // The origin stays mounted and active; the backend suspends it around the snapshot.
-    tp.pool().snapshot(request("snap", Some("origin"), DeviceKind::Active)).unwrap();
+    tp.pool()
+        .snapshot(request("snap", Some("origin"), DeviceKind::Active))
+        .unwrap();
     write_file(&dir.join("after"), b"after the snapshot");
     let s = tp.mount("snap");
     assert_eq!(read_file(&s.join("before")), b"before the snapshot");
@@ -208,7 +305,9 @@ fn engine_restart_restores_state() {
     let mut tp = TestPool::small("restart");
     let spec = small_spec(&tp.root);
     make_layer(&mut tp, "k1", "l1", None, "f1", b"one");
-    tp.pool().snapshot(request("c", Some("l1"), DeviceKind::Active)).unwrap();
+    tp.pool()
+        .snapshot(request("c", Some("l1"), DeviceKind::Active))
+        .unwrap();
     let mut labels = BTreeMap::new();
     labels.insert("purpose".to_string(), "test".to_string());
     tp.pool().set_labels(&name("c"), labels.clone()).unwrap();
@@ -218,7 +317,11 @@ fn engine_restart_restores_state() {
     tp.close(false);
     tp.reopen(&spec);
     assert_eq!(tp.pool().devices().unwrap(), before);
-    assert_eq!(tp.pool().activate(&name("c")).unwrap(), mounted, "same node after restart");
+    assert_eq!(
+        tp.pool().activate(&name("c")).unwrap(),
+        mounted,
+        "same node after restart"
+    );
     assert_eq!(tp.pool().device(&name("c")).unwrap().labels, labels);
     let c = tp.mount("c");
     assert_eq!(read_file(&c.join("f1")), b"one");
@@ -241,8 +344,17 @@ fn reboot_reassembles_pool_and_data() {
         fs::create_dir_all(&root).unwrap();
         let mut tp = TestPool::open(&spec);
         tp.keep_dir();
-        make_layer(&mut tp, "k", "layer", None, "layerfile", &pattern(1, 1 << 20));
-        tp.pool().snapshot(request("ctr", Some("layer"), DeviceKind::Active)).unwrap();
+        make_layer(
+            &mut tp,
+            "k",
+            "layer",
+            None,
+            "layerfile",
+            &pattern(1, 1 << 20),
+        );
+        tp.pool()
+            .snapshot(request("ctr", Some("layer"), DeviceKind::Active))
+            .unwrap();
         let dir = tp.mount("ctr");
         let mut sums = BTreeMap::new();
         for i in 0..8u64 {
@@ -264,7 +376,11 @@ fn reboot_reassembles_pool_and_data() {
     // The container device was active before the reboot: reconcile re-activated it.
     let c = tp.mount("ctr");
     for (file, sum) in &sums {
-        assert_eq!(&sha256_hex(&read_file(&c.join(file))), sum, "{file} after reboot");
+        assert_eq!(
+            &sha256_hex(&read_file(&c.join(file))),
+            sum,
+            "{file} after reboot"
+        );
     }
     tp.unmount(&c);
     tp.assert_audit_clean();
@@ -298,7 +414,11 @@ fn crash_case(
         .env("THINPOOL_FAILPOINTS", failpoint)
         .status()
         .expect("spawn crash child");
-    assert_eq!(status.signal(), Some(libc::SIGABRT), "child did not die at {failpoint}: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "child did not die at {failpoint}: {status}"
+    );
     let mut tp = TestPool::open(&spec);
     check(&mut tp);
     tp.assert_audit_clean();
@@ -313,20 +433,28 @@ fn setup_layer(tp: &mut TestPool) {
 }
 
 fn setup_victim(tp: &mut TestPool) {
-    tp.pool().snapshot(request("victim", None, DeviceKind::Active)).unwrap();
+    tp.pool()
+        .snapshot(request("victim", None, DeviceKind::Active))
+        .unwrap();
     tp.pool().activate(&name("victim")).unwrap();
 }
 
 fn op_create(root: &Path) {
-    child_pool(root).snapshot(request("new", None, DeviceKind::Active)).unwrap();
+    child_pool(root)
+        .snapshot(request("new", None, DeviceKind::Active))
+        .unwrap();
 }
 
 fn op_snapshot(root: &Path) {
-    child_pool(root).snapshot(request("new", Some("layer"), DeviceKind::Active)).unwrap();
+    child_pool(root)
+        .snapshot(request("new", Some("layer"), DeviceKind::Active))
+        .unwrap();
 }
 
 fn op_remove(root: &Path) {
-    child_pool(root).remove(&name("victim"), RemoveOptions::default()).unwrap();
+    child_pool(root)
+        .remove(&name("victim"), RemoveOptions::default())
+        .unwrap();
 }
 
 fn op_open(root: &Path) {
@@ -334,19 +462,35 @@ fn op_open(root: &Path) {
 }
 
 fn check_new_rolled_back(tp: &mut TestPool) {
-    assert!(matches!(tp.pool().device(&name("new")), Err(Error::NotFound(_))));
+    assert!(matches!(
+        tp.pool().device(&name("new")),
+        Err(Error::NotFound(_))
+    ));
     // The name and the parent are usable again.
     let parent = tp.pool().device(&name("layer")).ok().map(|_| "layer");
-    tp.pool().snapshot(request("new", parent, DeviceKind::Active)).expect("retry after crash");
+    tp.pool()
+        .snapshot(request("new", parent, DeviceKind::Active))
+        .expect("retry after crash");
 }
 
 fn check_victim_gone(tp: &mut TestPool) {
-    assert!(matches!(tp.pool().device(&name("victim")), Err(Error::NotFound(_))));
-    assert!(tp.pool().devices().unwrap().iter().all(|d| d.kind == DeviceKind::Base));
+    assert!(matches!(
+        tp.pool().device(&name("victim")),
+        Err(Error::NotFound(_))
+    ));
+    assert!(
+        tp.pool()
+            .devices()
+            .unwrap()
+            .iter()
+            .all(|d| d.kind == DeviceKind::Base)
+    );
 }
 
 fn check_pool_usable(tp: &mut TestPool) {
-    tp.pool().snapshot(request("after", None, DeviceKind::Active)).expect("pool usable");
+    tp.pool()
+        .snapshot(request("after", None, DeviceKind::Active))
+        .expect("pool usable");
     let d = tp.mount("after");
     write_file(&d.join("x"), b"x");
     tp.unmount(&d);
@@ -354,56 +498,116 @@ fn check_pool_usable(tp: &mut TestPool) {
 
 #[test]
 fn crash_create_after_intent() {
-    crash_case("crash_create_after_intent", "create:after_intent", None, op_create, check_new_rolled_back);
+    crash_case(
+        "crash_create_after_intent",
+        "create:after_intent",
+        None,
+        op_create,
+        check_new_rolled_back,
+    );
 }
 
 #[test]
 fn crash_create_after_kernel() {
-    crash_case("crash_create_after_kernel", "create:after_kernel", None, op_create, check_new_rolled_back);
+    crash_case(
+        "crash_create_after_kernel",
+        "create:after_kernel",
+        None,
+        op_create,
+        check_new_rolled_back,
+    );
 }
 
 #[test]
 fn crash_snapshot_after_intent() {
-    crash_case("crash_snapshot_after_intent", "snapshot:after_intent", Some(setup_layer), op_snapshot, check_new_rolled_back);
+    crash_case(
+        "crash_snapshot_after_intent",
+        "snapshot:after_intent",
+        Some(setup_layer),
+        op_snapshot,
+        check_new_rolled_back,
+    );
 }
 
 #[test]
 fn crash_snapshot_after_kernel() {
-    crash_case("crash_snapshot_after_kernel", "snapshot:after_kernel", Some(setup_layer), op_snapshot, check_new_rolled_back);
+    crash_case(
+        "crash_snapshot_after_kernel",
+        "snapshot:after_kernel",
+        Some(setup_layer),
+        op_snapshot,
+        check_new_rolled_back,
+    );
 }
 
 #[test]
 fn crash_remove_after_intent() {
-    crash_case("crash_remove_after_intent", "remove:after_intent", Some(setup_victim), op_remove, check_victim_gone);
+    crash_case(
+        "crash_remove_after_intent",
+        "remove:after_intent",
+        Some(setup_victim),
+        op_remove,
+        check_victim_gone,
+    );
 }
 
 #[test]
 fn crash_remove_after_deactivate() {
-    crash_case("crash_remove_after_deactivate", "remove:after_deactivate", Some(setup_victim), op_remove, check_victim_gone);
+    crash_case(
+        "crash_remove_after_deactivate",
+        "remove:after_deactivate",
+        Some(setup_victim),
+        op_remove,
+        check_victim_gone,
+    );
 }
 
 #[test]
 fn crash_remove_after_kernel() {
-    crash_case("crash_remove_after_kernel", "remove:after_kernel", Some(setup_victim), op_remove, check_victim_gone);
+    crash_case(
+        "crash_remove_after_kernel",
+        "remove:after_kernel",
+        Some(setup_victim),
+        op_remove,
+        check_victim_gone,
+    );
 }
 
 #[test]
 fn crash_pool_create_after_store() {
-    crash_case("crash_pool_create_after_store", "pool_create:after_store", None, op_open, check_pool_usable);
+    crash_case(
+        "crash_pool_create_after_store",
+        "pool_create:after_store",
+        None,
+        op_open,
+        check_pool_usable,
+    );
 }
 
 #[test]
 fn crash_pool_create_after_mkfs() {
-    crash_case("crash_pool_create_after_mkfs", "pool_create:after_mkfs", None, op_open, check_pool_usable);
+    crash_case(
+        "crash_pool_create_after_mkfs",
+        "pool_create:after_mkfs",
+        None,
+        op_open,
+        check_pool_usable,
+    );
 }
 
 #[test]
 fn snapshot_requests_validate_kind_and_labels() {
     let tp = TestPool::small("validate");
     let mut req: SnapshotRequest = request("x", None, DeviceKind::Committed);
-    assert!(matches!(tp.pool().snapshot(req.clone()), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        tp.pool().snapshot(req.clone()),
+        Err(Error::InvalidArgument(_))
+    ));
     req.kind = DeviceKind::Active;
     req.labels.insert("k".into(), "v".repeat(100_000));
-    assert!(matches!(tp.pool().snapshot(req), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        tp.pool().snapshot(req),
+        Err(Error::InvalidArgument(_))
+    ));
     tp.assert_audit_clean();
 }

@@ -25,7 +25,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 impl AsyncPool {
     pub async fn open(spec: PoolSpec) -> Result<AsyncPool> {
         let pool = blocking(move || Pool::open(&spec)).await?;
-        Ok(AsyncPool { pool: Arc::new(pool) })
+        Ok(AsyncPool {
+            pool: Arc::new(pool),
+        })
     }
 
     /// The blocking engine, for callers already on a blocking thread.

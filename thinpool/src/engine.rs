@@ -77,7 +77,8 @@ impl Pool {
     /// unfinished operations. It never re-initialises existing metadata.
     pub fn open(spec: &PoolSpec) -> Result<Pool> {
         let paths = PoolPaths::new(&spec.root);
-        fs::create_dir_all(&paths.root).map_err(|e| Error::io("create pool root", &paths.root, e))?;
+        fs::create_dir_all(&paths.root)
+            .map_err(|e| Error::io("create pool root", &paths.root, e))?;
         let lock = lock_root(&paths)?;
 
         if paths.store_file.exists() {
@@ -141,7 +142,10 @@ impl Pool {
                 created_ns: now,
                 updated_ns: now,
             })?;
-            w.set_base(&BaseDevice { id: base_id, fs_uuid: fs_uuid.clone() })?;
+            w.set_base(&BaseDevice {
+                id: base_id,
+                fs_uuid: fs_uuid.clone(),
+            })?;
             w.advance_transaction_id(txn)?;
             w.set_state(PoolState::Ready)
         })?;
@@ -158,11 +162,18 @@ impl Pool {
     ) -> Result<Pool> {
         // Settings that may change on an existing pool.
         let mut changed = false;
-        if let Some(v) = spec.error_if_no_space.filter(|v| *v != settings.error_if_no_space) {
+        if let Some(v) = spec
+            .error_if_no_space
+            .filter(|v| *v != settings.error_if_no_space)
+        {
             settings.error_if_no_space = v;
             changed = true;
         }
-        if let Some(v) = spec.mount_options.as_ref().filter(|v| **v != settings.mount_options) {
+        if let Some(v) = spec
+            .mount_options
+            .as_ref()
+            .filter(|v| **v != settings.mount_options)
+        {
             settings.mount_options = v.clone();
             changed = true;
         }
@@ -247,7 +258,8 @@ impl Pool {
             self.backend.deactivate(*id)?;
         }
         for rec in wanted.values() {
-            self.backend.activate(rec.id, rec.size, rec.kind != DeviceKind::Active)?;
+            self.backend
+                .activate(rec.id, rec.size, rec.kind != DeviceKind::Active)?;
         }
         // Anything the kernel did that we never recorded is now undone or recorded; catch our
         // record up with the backend's counter.
@@ -271,12 +283,10 @@ impl Pool {
     /// Completes a recorded delete: deactivate, optionally discard, delete, forget.
     fn finish_delete(&self, id: ThinId, discard: bool) -> Result<()> {
         let _guard = self.locks.lock(id);
-        if discard {
-            if let Some(rec) = self.store.read(|r| r.device(id))? {
-                let dev = self.backend.activate(id, rec.size, false)?;
-                if let Err(e) = discard_device(&dev) {
-                    warn!(id = %id, error = %e, "discard failed; deleting anyway");
-                }
+        if discard && let Some(rec) = self.store.read(|r| r.device(id))? {
+            let dev = self.backend.activate(id, rec.size, false)?;
+            if let Err(e) = discard_device(&dev) {
+                warn!(id = %id, error = %e, "discard failed; deleting anyway");
             }
         }
         self.backend.deactivate(id)?;
@@ -292,7 +302,10 @@ impl Pool {
     }
 
     pub fn settings(&self) -> PoolSettings {
-        self.settings.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn paths(&self) -> &PoolPaths {
@@ -347,20 +360,23 @@ impl Pool {
             )));
         }
         ids::validate_labels(&req.labels)?;
-        if let Some(size) = req.size {
-            if size.0 == 0 || size.0 % 4096 != 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "size {} is not a positive multiple of 4 KiB",
-                    size.0
-                )));
-            }
+        if let Some(size) = req.size
+            && (size.0 == 0 || size.0 % 4096 != 0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "size {} is not a positive multiple of 4 KiB",
+                size.0
+            )));
         }
         let base = self.base()?;
         let now = now_ns();
         // 1. Intent: the record, in Creating.
         let rec = self.store.write(|w| {
             if w.device_by_name(&req.name)?.is_some() {
-                return Err(Error::AlreadyExists(format!("device {:?}", req.name.as_str())));
+                return Err(Error::AlreadyExists(format!(
+                    "device {:?}",
+                    req.name.as_str()
+                )));
             }
             let origin = match &req.parent {
                 None => w.device(base.id)?.ok_or_else(|| {
@@ -399,7 +415,11 @@ impl Pool {
             Ok(rec)
         })?;
         // A parentless device is a "create" (of a snapshot of the base) to the failpoints.
-        let op = if req.parent.is_none() { "create" } else { "snapshot" };
+        let op = if req.parent.is_none() {
+            "create"
+        } else {
+            "snapshot"
+        };
         failpoint::hit(&format!("{op}:after_intent"));
         let origin = rec.parent.expect("a snapshot has an origin");
 
@@ -684,7 +704,10 @@ impl DeviceLocks {
     }
 
     fn forget(&self, id: ThinId) {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 }
 
@@ -746,7 +769,9 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
     let s = PoolSettings {
         backend,
         data_size: spec.data_size.unwrap_or(PoolSettings::DEFAULT_DATA_SIZE),
-        metadata_size: spec.metadata_size.unwrap_or(PoolSettings::DEFAULT_METADATA_SIZE),
+        metadata_size: spec
+            .metadata_size
+            .unwrap_or(PoolSettings::DEFAULT_METADATA_SIZE),
         block_size: spec.block_size.unwrap_or(PoolSettings::DEFAULT_BLOCK_SIZE),
         base_size: spec.base_size.unwrap_or(PoolSettings::DEFAULT_BASE_SIZE),
         fs,
@@ -759,25 +784,25 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
         tag: random_tag(),
     };
     let bs = s.block_size.0;
-    if bs < Bytes::kib(64).0 || bs > Bytes::gib(1).0 || bs % Bytes::kib(64).0 != 0 {
+    if bs < Bytes::kib(64).0 || bs > Bytes::gib(1).0 || !bs.is_multiple_of(Bytes::kib(64).0) {
         return Err(Error::InvalidArgument(format!(
             "block size {}: must be a multiple of 64 KiB between 64 KiB and 1 GiB",
             s.block_size
         )));
     }
-    if s.data_size.0 < 16 * bs || s.data_size.0 % bs != 0 {
+    if s.data_size.0 < 16 * bs || !s.data_size.0.is_multiple_of(bs) {
         return Err(Error::InvalidArgument(format!(
             "data size {}: must be a multiple of the block size and at least 16 blocks",
             s.data_size
         )));
     }
-    if s.metadata_size < Bytes::mib(2) || s.metadata_size.0 % 4096 != 0 {
+    if s.metadata_size < Bytes::mib(2) || !s.metadata_size.0.is_multiple_of(4096) {
         return Err(Error::InvalidArgument(format!(
             "metadata size {}: must be a multiple of 4 KiB and at least 2 MiB",
             s.metadata_size
         )));
     }
-    if s.base_size < Bytes::mib(16) || s.base_size.0 % 4096 != 0 {
+    if s.base_size < Bytes::mib(16) || !s.base_size.0.is_multiple_of(4096) {
         return Err(Error::InvalidArgument(format!(
             "base size {}: must be a multiple of 4 KiB and at least 16 MiB",
             s.base_size

@@ -100,11 +100,21 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
 /// Grows the filesystem on `dev` to fill the device. The device must not be mounted
 /// elsewhere; we mount it privately under `scratch` because xfs grows only when mounted.
 pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
-    use nix::mount::{MsFlags, mount, umount2, MntFlags};
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
-    let opts = if fs == FsType::Xfs { Some("nouuid") } else { None };
-    mount(Some(dev), scratch, Some(fs.to_string().as_str()), MsFlags::empty(), opts)
-        .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
+    let opts = if fs == FsType::Xfs {
+        Some("nouuid")
+    } else {
+        None
+    };
+    mount(
+        Some(dev),
+        scratch,
+        Some(fs.to_string().as_str()),
+        MsFlags::empty(),
+        opts,
+    )
+    .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
     let result = match fs {
         FsType::Ext4 => run("resize2fs", &[dev.as_os_str()]),
         FsType::Xfs => run("xfs_growfs", &[scratch.as_os_str()]),

@@ -21,7 +21,9 @@ impl ThinId {
         if id < Self::LIMIT {
             Ok(ThinId(id))
         } else {
-            Err(Error::InvalidArgument(format!("thin id {id} is not below 2^24")))
+            Err(Error::InvalidArgument(format!(
+                "thin id {id} is not below 2^24"
+            )))
         }
     }
 
@@ -149,7 +151,10 @@ mod tests {
     #[test]
     fn names_are_bounded_data() {
         assert!(DeviceName::new("default/1/sha256:abc").is_ok());
-        assert!(DeviceName::new("../../etc/passwd").is_ok(), "names are data, not paths");
+        assert!(
+            DeviceName::new("../../etc/passwd").is_ok(),
+            "names are data, not paths"
+        );
         assert!(DeviceName::new("").is_err());
         assert!(DeviceName::new("a\0b").is_err());
         assert!(DeviceName::new("x".repeat(MAX_NAME_LEN + 1)).is_err());
@@ -162,7 +167,9 @@ mod tests {
         assert!(validate_labels(&l).is_ok());
         l.insert("big".into(), "v".repeat(MAX_LABEL_VALUE_LEN + 1));
         assert!(validate_labels(&l).is_err());
-        let many: BTreeMap<_, _> = (0..=MAX_LABELS).map(|i| (i.to_string(), String::new())).collect();
+        let many: BTreeMap<_, _> = (0..=MAX_LABELS)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
         assert!(validate_labels(&many).is_err());
     }
 }

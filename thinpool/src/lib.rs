@@ -6,6 +6,7 @@
 //! [`backend::reflink`] (reflinked files on XFS, for hosts without dm-thin). [`AsyncPool`]
 //! runs the engine's blocking calls on tokio's blocking pool.
 
+mod asyncpool;
 pub mod backend;
 pub mod engine;
 pub mod error;
@@ -16,7 +17,6 @@ pub mod loopback;
 pub mod model;
 pub mod store;
 pub mod units;
-mod asyncpool;
 
 pub use asyncpool::AsyncPool;
 pub use engine::{Pool, RemoveOptions, SnapshotRequest};

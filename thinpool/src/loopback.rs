@@ -108,9 +108,12 @@ pub fn detach(dev: &Path) -> Result<()> {
 
 /// (major, minor) of a block device node.
 pub fn dev_numbers(dev: &Path) -> Result<(u32, u32)> {
-    let st = nix::sys::stat::stat(dev)
-        .map_err(|e| Error::io("stat device", dev, io::Error::from(e)))?;
-    Ok((nix::sys::stat::major(st.st_rdev) as u32, nix::sys::stat::minor(st.st_rdev) as u32))
+    let st =
+        nix::sys::stat::stat(dev).map_err(|e| Error::io("stat device", dev, io::Error::from(e)))?;
+    Ok((
+        nix::sys::stat::major(st.st_rdev) as u32,
+        nix::sys::stat::minor(st.st_rdev) as u32,
+    ))
 }
 
 /// Creates a sparse file of `size` bytes. Precondition: the file does not exist.
@@ -120,7 +123,9 @@ pub fn create_sparse(path: &Path, size: u64) -> Result<()> {
         .create_new(true)
         .open(path)
         .map_err(|e| Error::io("create pool file", path, e))?;
-    f.set_len(size).map_err(|e| Error::io("size pool file", path, e))?;
-    f.sync_all().map_err(|e| Error::io("sync pool file", path, e))?;
+    f.set_len(size)
+        .map_err(|e| Error::io("size pool file", path, e))?;
+    f.sync_all()
+        .map_err(|e| Error::io("sync pool file", path, e))?;
     Ok(())
 }

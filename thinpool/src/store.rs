@@ -11,7 +11,9 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::{Error, Result};
@@ -193,8 +195,8 @@ impl WriteView<'_> {
 
     fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let t = self.txn.open_table(META)?;
-        let v = t.get(key)?.map(|v| decode(v.value())).transpose();
-        v
+
+        t.get(key)?.map(|v| decode(v.value())).transpose()
     }
 
     pub fn set_state(&mut self, state: PoolState) -> Result<()> {
@@ -226,15 +228,15 @@ impl WriteView<'_> {
 
     pub fn device(&self, id: ThinId) -> Result<Option<DeviceRecord>> {
         let t = self.txn.open_table(DEVICES)?;
-        let v = t.get(id.get())?.map(|v| decode(v.value())).transpose();
-        v
+
+        t.get(id.get())?.map(|v| decode(v.value())).transpose()
     }
 
     pub fn device_by_name(&self, name: &DeviceName) -> Result<Option<DeviceRecord>> {
         let id = {
             let names = self.txn.open_table(NAMES)?;
-            let v = names.get(name.as_str())?.map(|v| v.value());
-            v
+
+            names.get(name.as_str())?.map(|v| v.value())
         };
         match id {
             Some(id) => self.device(ThinId::new(id)?),
@@ -278,10 +280,10 @@ impl WriteView<'_> {
             unindex(&mut names, &mut children, old)?;
         }
         if let Some(name) = &rec.name {
-            if let Some(other) = names.get(name.as_str())?.map(|v| v.value()) {
-                if other != rec.id.get() {
-                    return Err(Error::AlreadyExists(format!("device {name:?}")));
-                }
+            if let Some(other) = names.get(name.as_str())?.map(|v| v.value())
+                && other != rec.id.get()
+            {
+                return Err(Error::AlreadyExists(format!("device {name:?}")));
             }
             names.insert(name.as_str(), rec.id.get())?;
         }

@@ -14,17 +14,23 @@ const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
 /// A length in bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Bytes(pub u64);
 
 /// A length in 512-byte sectors.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Sectors(pub u64);
 
 /// A count of pool data blocks (the pool's block size, 64 KiB by default).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct DataBlocks(pub u64);
 
@@ -46,7 +52,7 @@ impl Bytes {
 
     /// True when this is a whole number of sectors.
     pub const fn is_sector_aligned(self) -> bool {
-        self.0 % SECTOR_SIZE == 0
+        self.0.is_multiple_of(SECTOR_SIZE)
     }
 }
 
@@ -65,7 +71,9 @@ impl DataBlocks {
 
 /// Error from [`Bytes::from_str`]: the text is not a size such as `10G`.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid size {0:?}: expected a number with an optional binary suffix K, M, G or T (10G = 10 GiB)")]
+#[error(
+    "invalid size {0:?}: expected a number with an optional binary suffix K, M, G or T (10G = 10 GiB)"
+)]
 pub struct ParseSizeError(String);
 
 impl FromStr for Bytes {
@@ -75,7 +83,10 @@ impl FromStr for Bytes {
     fn from_str(s: &str) -> Result<Bytes, ParseSizeError> {
         let err = || ParseSizeError(s.to_string());
         let t = s.trim();
-        let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+        let t = t
+            .strip_suffix("iB")
+            .or_else(|| t.strip_suffix('B'))
+            .unwrap_or(t);
         let (num, mult) = match t.chars().last() {
             Some(c) if c.is_ascii_alphabetic() => {
                 let mult = match c.to_ascii_uppercase() {
@@ -110,7 +121,7 @@ impl fmt::Display for Bytes {
         for (size, name) in units {
             if self.0 >= size {
                 let v = self.0 as f64 / size as f64;
-                return if self.0 % size == 0 {
+                return if self.0.is_multiple_of(size) {
                     write!(f, "{} {name}", self.0 / size)
                 } else {
                     write!(f, "{v:.1} {name}")
@@ -149,7 +160,15 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "G", "10X", "-1G", "abc", "99999999999999999999T", "nanG"] {
+        for bad in [
+            "",
+            "G",
+            "10X",
+            "-1G",
+            "abc",
+            "99999999999999999999T",
+            "nanG",
+        ] {
             assert!(bad.parse::<Bytes>().is_err(), "{bad} parsed");
         }
     }

@@ -51,13 +51,16 @@ fn main() {
         labels: BTreeMap::new(),
     })
     .unwrap();
-    pool.commit(&n("layer-key".into()), &n("layer".into()), None).unwrap();
+    pool.commit(&n("layer-key".into()), &n("layer".into()), None)
+        .unwrap();
     let layer_id = pool.device(&n("layer".into())).unwrap().id.get();
     let size_sectors = Bytes::gib(1).sectors().0;
 
     let mut report = String::new();
     report.push_str("### Snapshot + activate latency (dm, TCG guest)\n\n");
-    report.push_str(&format!("{SNAPSHOTS} snapshots of a committed (inactive) 1 GiB layer, each then activated.\n\n"));
+    report.push_str(&format!(
+        "{SNAPSHOTS} snapshots of a committed (inactive) 1 GiB layer, each then activated.\n\n"
+    ));
     report.push_str("| method | p50 ms | p99 ms | p50 ratio vs raw ioctls |\n|---|---|---|---|\n");
 
     // Engine: snapshot + activate (records, intents, transaction ids included).
@@ -85,14 +88,27 @@ fn main() {
         let id = 8_000_000 + i;
         let name = format!("bench-raw-{i}");
         let t = Instant::now();
-        dm.target_msg(&pool_id, None, &format!("create_snap {id} {layer_id}")).unwrap();
-        dm.target_msg(&pool_id, None, &format!("set_transaction_id {txn} {}", txn + 1)).unwrap();
+        dm.target_msg(&pool_id, None, &format!("create_snap {id} {layer_id}"))
+            .unwrap();
+        dm.target_msg(
+            &pool_id,
+            None,
+            &format!("set_transaction_id {txn} {}", txn + 1),
+        )
+        .unwrap();
         txn += 1;
         let dname = DmName::new(&name).unwrap();
         dm.device_create(dname, None, DmOptions::default()).unwrap();
-        let table = [(0, size_sectors, "thin".to_string(), format!("{pool_dev} {id}"))];
-        dm.table_load(&DevId::Name(dname), &table, DmOptions::default()).unwrap();
-        dm.device_suspend(&DevId::Name(dname), DmOptions::default()).unwrap();
+        let table = [(
+            0,
+            size_sectors,
+            "thin".to_string(),
+            format!("{pool_dev} {id}"),
+        )];
+        dm.table_load(&DevId::Name(dname), &table, DmOptions::default())
+            .unwrap();
+        dm.device_suspend(&DevId::Name(dname), DmOptions::default())
+            .unwrap();
         raw_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
@@ -102,22 +118,46 @@ fn main() {
         let id = 9_000_000 + i;
         let name = format!("bench-cli-{i}");
         let t = Instant::now();
-        dmsetup(&["message", &pool_name, "0", &format!("create_snap {id} {layer_id}")]);
-        dmsetup(&["create", &name, "--table", &format!("0 {size_sectors} thin {pool_dev} {id}")]);
+        dmsetup(&[
+            "message",
+            &pool_name,
+            "0",
+            &format!("create_snap {id} {layer_id}"),
+        ]);
+        dmsetup(&[
+            "create",
+            &name,
+            "--table",
+            &format!("0 {size_sectors} thin {pool_dev} {id}"),
+        ]);
         cli_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
     let (e50, e99) = percentiles(engine_ms);
     let (r50, r99) = percentiles(raw_ms);
     let (c50, c99) = percentiles(cli_ms);
-    report.push_str(&format!("| thinpool engine | {e50:.2} | {e99:.2} | {:.2}x |\n", e50 / r50));
-    report.push_str(&format!("| raw devicemapper ioctls | {r50:.2} | {r99:.2} | 1.00x |\n"));
-    report.push_str(&format!("| dmsetup CLI (2 forks) | {c50:.2} | {c99:.2} | {:.2}x |\n\n", c50 / r50));
+    report.push_str(&format!(
+        "| thinpool engine | {e50:.2} | {e99:.2} | {:.2}x |\n",
+        e50 / r50
+    ));
+    report.push_str(&format!(
+        "| raw devicemapper ioctls | {r50:.2} | {r99:.2} | 1.00x |\n"
+    ));
+    report.push_str(&format!(
+        "| dmsetup CLI (2 forks) | {c50:.2} | {c99:.2} | {:.2}x |\n\n",
+        c50 / r50
+    ));
 
     // Clean the baselines' devices and ids out of the pool again.
     for i in 0..SNAPSHOTS {
-        for (name, id) in [(format!("bench-raw-{i}"), 8_000_000 + i), (format!("bench-cli-{i}"), 9_000_000 + i)] {
-            let _ = dm.device_remove(&DevId::Name(DmName::new(&name).unwrap()), DmOptions::default());
+        for (name, id) in [
+            (format!("bench-raw-{i}"), 8_000_000 + i),
+            (format!("bench-cli-{i}"), 9_000_000 + i),
+        ] {
+            let _ = dm.device_remove(
+                &DevId::Name(DmName::new(&name).unwrap()),
+                DmOptions::default(),
+            );
             let _ = dm.target_msg(&pool_id, None, &format!("delete {id}"));
         }
     }
@@ -131,15 +171,34 @@ fn main() {
     drop(f);
     let raw_loop = thinpool::loopback::attach(&raw_file).unwrap();
     let rows = [
-        ("sequential 1 MiB write (MiB/s)", io_pair(&thin_spec.source, &raw_loop, |d| seq_write(d, total))),
-        ("sequential 1 MiB read (MiB/s)", io_pair(&thin_spec.source, &raw_loop, |d| seq_read(d, total))),
-        ("random 4 KiB write (IOPS)", io_pair(&thin_spec.source, &raw_loop, |d| rand_write(d, Bytes::gib(1).0, 4000))),
+        (
+            "sequential 1 MiB write (MiB/s)",
+            io_pair(&thin_spec.source, &raw_loop, |d| seq_write(d, total)),
+        ),
+        (
+            "sequential 1 MiB read (MiB/s)",
+            io_pair(&thin_spec.source, &raw_loop, |d| seq_read(d, total)),
+        ),
+        (
+            "random 4 KiB write (IOPS)",
+            io_pair(&thin_spec.source, &raw_loop, |d| {
+                rand_write(d, Bytes::gib(1).0, 4000)
+            }),
+        ),
     ];
-    report.push_str("### I/O on a thin device vs a raw loop device (direct I/O, same filesystem)\n\n");
-    report.push_str(&format!("Sequential: {} per run; random: 4000 writes over 1 GiB.\n\n", Bytes(total)));
+    report.push_str(
+        "### I/O on a thin device vs a raw loop device (direct I/O, same filesystem)\n\n",
+    );
+    report.push_str(&format!(
+        "Sequential: {} per run; random: 4000 writes over 1 GiB.\n\n",
+        Bytes(total)
+    ));
     report.push_str("| test | thin | raw loop | ratio |\n|---|---|---|---|\n");
     for (label, (thin, raw)) in rows {
-        report.push_str(&format!("| {label} | {thin:.1} | {raw:.1} | {:.2}x |\n", thin / raw));
+        report.push_str(&format!(
+            "| {label} | {thin:.1} | {raw:.1} | {:.2}x |\n",
+            thin / raw
+        ));
     }
     thinpool::loopback::detach(&raw_loop).unwrap();
     pool.close(true).unwrap();

@@ -114,7 +114,9 @@ impl DmBackend {
             .unwrap_or(false)
         {
             // Built in or loadable: modprobe is how the kernel's own tools load it.
-            let status = std::process::Command::new("modprobe").arg("dm-thin-pool").status();
+            let status = std::process::Command::new("modprobe")
+                .arg("dm-thin-pool")
+                .status();
             if !matches!(status, Ok(s) if s.success()) {
                 return Err(Error::FailedPrecondition(
                     "the dm-thin-pool kernel module is not loaded and modprobe failed".into(),
@@ -149,15 +151,21 @@ impl DmBackend {
     /// Sets up loop, linear and pool devices, adopting any that are still live (daemon
     /// restart) and creating the rest (host reboot or a new pool).
     fn assemble(dm: DM, paths: &PoolPaths, settings: &PoolSettings, fresh: bool) -> Result<Self> {
-        let names = Names { tag: settings.tag.clone() };
+        let names = Names {
+            tag: settings.tag.clone(),
+        };
         let meta_loop = loopback::attach(&paths.metadata_file)?;
         let data_loop = loopback::attach(&paths.data_file)?;
-        let meta_len = Bytes(fs::metadata(&paths.metadata_file)
-            .map_err(|e| Error::io("stat", &paths.metadata_file, e))?
-            .len());
-        let data_len = Bytes(fs::metadata(&paths.data_file)
-            .map_err(|e| Error::io("stat", &paths.data_file, e))?
-            .len());
+        let meta_len = Bytes(
+            fs::metadata(&paths.metadata_file)
+                .map_err(|e| Error::io("stat", &paths.metadata_file, e))?
+                .len(),
+        );
+        let data_len = Bytes(
+            fs::metadata(&paths.data_file)
+                .map_err(|e| Error::io("stat", &paths.data_file, e))?
+                .len(),
+        );
         let meta = LinearDev::setup(
             &dm,
             &names.meta(),
@@ -181,8 +189,17 @@ impl DmBackend {
             features.push("error_if_no_space".to_string());
         }
         let pool = if fresh {
-            ThinPoolDev::new(&dm, &names.pool(), None, meta, data, block_sectors, lwm, features)
-                .map_err(dm_err("create thin-pool"))?
+            ThinPoolDev::new(
+                &dm,
+                &names.pool(),
+                None,
+                meta,
+                data,
+                block_sectors,
+                lwm,
+                features,
+            )
+            .map_err(dm_err("create thin-pool"))?
         } else {
             let pool = ThinPoolDev::setup(
                 &dm,
@@ -198,7 +215,10 @@ impl DmBackend {
             Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features)?
         };
         let pool_dev = pool.device();
-        let txn = match pool.status(&dm, DmOptions::default()).map_err(dm_err("pool status"))? {
+        let txn = match pool
+            .status(&dm, DmOptions::default())
+            .map_err(dm_err("pool status"))?
+        {
             ThinPoolStatus::Working(w) => w.transaction_id,
             other => {
                 return Err(Error::FailedPrecondition(format!(
@@ -246,14 +266,37 @@ impl DmBackend {
             .map_err(dm_err("remove thin-pool for thin_check"))?;
         fsutil::run(
             "thin_check",
-            &["-q".as_ref(), "--clear-needs-check-flag".as_ref(), meta_node.as_os_str()],
+            &[
+                "-q".as_ref(),
+                "--clear-needs-check-flag".as_ref(),
+                meta_node.as_os_str(),
+            ],
         )?;
-        let meta = LinearDev::setup(dm, &names.meta(), None, pool.meta_dev().table().table.clone())
-            .map_err(dm_err("set up metadata linear device"))?;
-        let data = LinearDev::setup(dm, &names.data(), None, pool.data_dev().table().table.clone())
-            .map_err(dm_err("set up data linear device"))?;
-        pool = ThinPoolDev::setup(dm, &names.pool(), None, meta, data, block_sectors, lwm, features)
-            .map_err(dm_err("set up thin-pool after thin_check"))?;
+        let meta = LinearDev::setup(
+            dm,
+            &names.meta(),
+            None,
+            pool.meta_dev().table().table.clone(),
+        )
+        .map_err(dm_err("set up metadata linear device"))?;
+        let data = LinearDev::setup(
+            dm,
+            &names.data(),
+            None,
+            pool.data_dev().table().table.clone(),
+        )
+        .map_err(dm_err("set up data linear device"))?;
+        pool = ThinPoolDev::setup(
+            dm,
+            &names.pool(),
+            None,
+            meta,
+            data,
+            block_sectors,
+            lwm,
+            features,
+        )
+        .map_err(dm_err("set up thin-pool after thin_check"))?;
         info!("thin_check passed; needs_check cleared");
         Ok(pool)
     }
@@ -282,14 +325,16 @@ impl DmBackend {
     /// Best-effort removal of a half-created pool's kernel objects and loop devices.
     pub fn scrub(paths: &PoolPaths, settings: &PoolSettings) -> Result<()> {
         if let Ok(dm) = DM::new() {
-            let names = Names { tag: settings.tag.clone() };
+            let names = Names {
+                tag: settings.tag.clone(),
+            };
             remove_ours(&dm, &names);
         }
         for f in [&paths.data_file, &paths.metadata_file] {
-            if f.exists() {
-                if let Some(dev) = loopback::find(f)? {
-                    loopback::detach(&dev)?;
-                }
+            if f.exists()
+                && let Some(dev) = loopback::find(f)?
+            {
+                loopback::detach(&dev)?;
             }
         }
         Ok(())
@@ -347,7 +392,13 @@ impl DmBackend {
         Ok(Bytes(mapped * 512))
     }
 
-    fn create_thin_dev(&self, name: &DmName, id: ThinId, size: Bytes, read_only: bool) -> Result<()> {
+    fn create_thin_dev(
+        &self,
+        name: &DmName,
+        id: ThinId,
+        size: Bytes,
+        read_only: bool,
+    ) -> Result<()> {
         let dev_id = DevId::Name(name);
         let mut opts = DmOptions::default();
         if read_only {
@@ -413,7 +464,10 @@ impl Backend for DmBackend {
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         // NOFLUSH: a status query must not force a metadata commit (scrapes are frequent).
         let status = pool
-            .status(&self.dm, DmOptions::default().set_flags(DmFlags::DM_NOFLUSH))
+            .status(
+                &self.dm,
+                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+            )
             .map_err(dm_err("pool status"))?;
         let w = match status {
             ThinPoolStatus::Working(w) => w,
@@ -469,7 +523,10 @@ impl Backend for DmBackend {
             // Suspending flushes the origin's in-flight writes and holds new ones, so the
             // snapshot sees a consistent device. The engine holds the origin's lock.
             self.dm
-                .device_suspend(&origin_id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+                .device_suspend(
+                    &origin_id,
+                    DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
+                )
                 .map_err(dm_err(format!("suspend origin {origin}")))?;
         }
         let made = self
@@ -513,7 +570,10 @@ impl Backend for DmBackend {
         if !self.thin_exists(id)? {
             return Ok(());
         }
-        match self.dm.device_remove(&DevId::Name(&name), DmOptions::default()) {
+        match self
+            .dm
+            .device_remove(&DevId::Name(&name), DmOptions::default())
+        {
             Ok(_) => Ok(()),
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
                 Err(Error::FailedPrecondition(format!(

@@ -26,15 +26,37 @@ impl ReflinkBackend {
 }
 
 impl Backend for ReflinkBackend {
-    fn kind(&self) -> BackendKind { unimplemented!() }
-    fn status(&self) -> Result<BackendStatus> { unimplemented!() }
-    fn create_thin(&self, _id: ThinId, _size: Bytes) -> Result<u64> { unimplemented!() }
-    fn create_snapshot(&self, _id: ThinId, _origin: ThinId, _size: Bytes) -> Result<u64> { unimplemented!() }
-    fn delete(&self, _id: ThinId) -> Result<u64> { unimplemented!() }
-    fn activate(&self, _id: ThinId, _size: Bytes, _ro: bool) -> Result<PathBuf> { unimplemented!() }
-    fn deactivate(&self, _id: ThinId) -> Result<()> { unimplemented!() }
-    fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> { unimplemented!() }
-    fn mapped_bytes(&self, _id: ThinId, _size: Bytes) -> Result<Bytes> { unimplemented!() }
-    fn list_ids(&self) -> Result<BTreeSet<ThinId>> { unimplemented!() }
-    fn teardown(&self) -> Result<()> { unimplemented!() }
+    fn kind(&self) -> BackendKind {
+        unimplemented!()
+    }
+    fn status(&self) -> Result<BackendStatus> {
+        unimplemented!()
+    }
+    fn create_thin(&self, _id: ThinId, _size: Bytes) -> Result<u64> {
+        unimplemented!()
+    }
+    fn create_snapshot(&self, _id: ThinId, _origin: ThinId, _size: Bytes) -> Result<u64> {
+        unimplemented!()
+    }
+    fn delete(&self, _id: ThinId) -> Result<u64> {
+        unimplemented!()
+    }
+    fn activate(&self, _id: ThinId, _size: Bytes, _ro: bool) -> Result<PathBuf> {
+        unimplemented!()
+    }
+    fn deactivate(&self, _id: ThinId) -> Result<()> {
+        unimplemented!()
+    }
+    fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> {
+        unimplemented!()
+    }
+    fn mapped_bytes(&self, _id: ThinId, _size: Bytes) -> Result<Bytes> {
+        unimplemented!()
+    }
+    fn list_ids(&self) -> Result<BTreeSet<ThinId>> {
+        unimplemented!()
+    }
+    fn teardown(&self) -> Result<()> {
+        unimplemented!()
+    }
 }
