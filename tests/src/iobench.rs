@@ -20,7 +20,8 @@ impl AlignedBuf {
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "allocation failed");
         let mut b = AlignedBuf { ptr, layout };
-        b.bytes_mut().copy_from_slice(&crate::pattern(fill_seed, len));
+        b.bytes_mut()
+            .copy_from_slice(&crate::pattern(fill_seed, len));
         b
     }
     pub fn bytes(&self) -> &[u8] {

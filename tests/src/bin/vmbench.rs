@@ -10,7 +10,7 @@
 //! Prints a markdown report between `=== BENCH BEGIN ===` and `=== BENCH END ===`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -81,10 +81,10 @@ fn main() {
 
     // Raw: the same ioctls straight through the devicemapper crate, on the same pool, with
     // ids far from the engine's. The transaction id is advanced as the engine does.
-    let mut txn = pool.status().unwrap().kernel.transaction_id;
+    let txn0 = pool.status().unwrap().kernel.transaction_id;
     let pool_id = DevId::Name(DmName::new(&pool_name).unwrap());
     let mut raw_ms = Vec::new();
-    for i in 0..SNAPSHOTS {
+    for (i, txn) in (txn0..).enumerate().take(SNAPSHOTS) {
         let id = 8_000_000 + i;
         let name = format!("bench-raw-{i}");
         let t = Instant::now();
@@ -96,7 +96,6 @@ fn main() {
             &format!("set_transaction_id {txn} {}", txn + 1),
         )
         .unwrap();
-        txn += 1;
         let dname = DmName::new(&name).unwrap();
         dm.device_create(dname, None, DmOptions::default()).unwrap();
         let table = [(
@@ -208,9 +207,9 @@ fn main() {
     println!("=== BENCH END ===");
 }
 
-/// Runs `f` on the thin device and on the raw loop device, alternating which goes first is
-/// unnecessary here: each target sees the same fresh state (unwritten) on its first test.
-fn io_pair(thin: &Path, raw: &PathBuf, f: impl Fn(&Path) -> f64) -> (f64, f64) {
+/// Runs `f` on the thin device, then on the raw loop device: both start unwritten, so
+/// each sees the same state on its first test.
+fn io_pair(thin: &Path, raw: &Path, f: impl Fn(&Path) -> f64) -> (f64, f64) {
     (f(thin), f(raw))
 }
 
