@@ -611,3 +611,174 @@ fn snapshot_requests_validate_kind_and_labels() {
     ));
     tp.assert_audit_clean();
 }
+
+/// The audit is what the crash tests rely on, so show that it sees both kinds of damage:
+/// a device the backend has but we have no record of, and a record whose device is gone.
+#[test]
+fn audit_reports_leaked_and_missing_ids() {
+    let mut tp = TestPool::small("audit");
+    let spec = small_spec(&tp.root);
+    tp.pool()
+        .snapshot(request("leak", None, DeviceKind::Active))
+        .unwrap();
+    let leaked = tp.pool().device(&name("leak")).unwrap();
+    tp.close(false);
+    {
+        // Tamper with our records behind the engine's back.
+        let store = thinpool::store::Store::open(&tp.root.join("pool.redb")).unwrap();
+        store
+            .write(|w| {
+                w.remove_device(leaked.id)?;
+                let mut ghost = leaked.clone();
+                ghost.id = thinpool::ThinId::new(4242).unwrap();
+                ghost.name = Some(name("ghost"));
+                ghost.active = false;
+                w.put_device(&ghost)
+            })
+            .unwrap();
+    }
+    tp.reopen(&spec);
+    let report = tp.pool().audit().unwrap();
+    assert_eq!(report.leaked, vec![leaked.id], "{report:?}");
+    assert_eq!(
+        report.missing,
+        vec![thinpool::ThinId::new(4242).unwrap()],
+        "{report:?}"
+    );
+    assert!(!report.is_clean());
+}
+
+#[test]
+fn xfs_snapshots_mount_side_by_side() {
+    let root = pool_dir("xfs", false);
+    let mut spec = small_spec(&root);
+    spec.fs = Some(thinpool::FsType::Xfs);
+    spec.base_size = Some(Bytes::mib(512)); // mkfs.xfs wants room for its log
+    let mut tp = TestPool::open(&spec);
+    tp.pool()
+        .snapshot(request("a", None, DeviceKind::Active))
+        .unwrap();
+    tp.pool()
+        .snapshot(request("b", None, DeviceKind::Active))
+        .unwrap();
+    let spec_a = tp.pool().activate(&name("a")).unwrap();
+    assert_eq!(spec_a.fs_type, thinpool::FsType::Xfs);
+    assert!(spec_a.options.iter().any(|o| o == "nouuid"), "{spec_a:?}");
+    // Both carry the base filesystem's UUID; nouuid lets them mount at once.
+    let a = tp.mount_spec("a", &spec_a);
+    let b = tp.mount("b");
+    write_file(&a.join("only-a"), b"a");
+    assert!(!b.join("only-a").exists());
+    tp.unmount(&a);
+    tp.unmount(&b);
+    tp.assert_audit_clean();
+}
+
+/// Operations on different devices from many threads at once: the records, the backend's
+/// transaction id and the kernel must all agree afterwards.
+#[test]
+fn concurrent_operations_on_different_devices() {
+    let tp = TestPool::small("concurrent");
+    let pool = tp.pool();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            s.spawn(move || {
+                for i in 0..6 {
+                    let n = format!("t{t}-{i}");
+                    pool.snapshot(request(&n, None, DeviceKind::Active))
+                        .unwrap();
+                    pool.activate(&name(&n)).unwrap();
+                    let v = format!("{n}-view");
+                    pool.snapshot(request(&v, Some(&n), DeviceKind::View))
+                        .unwrap();
+                    if i % 2 == 0 {
+                        pool.remove(&name(&v), RemoveOptions::default()).unwrap();
+                        pool.deactivate(&name(&n)).unwrap();
+                        pool.remove(&name(&n), RemoveOptions::default()).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // 8 threads x 3 kept (device + view) + the base.
+    assert_eq!(pool.devices().unwrap().len(), 8 * 3 * 2 + 1);
+    let st = pool.status().unwrap();
+    assert!(st.kernel.transaction_id > 0);
+    tp.assert_audit_clean();
+}
+
+/// dm only (skipped natively by tests/run, run in the VM): a pool whose metadata carries the
+/// kernel's needs_check flag is checked with thin_check before use, and comes back clean.
+#[test]
+fn dm_needs_check_runs_thin_check_on_open() {
+    assert_eq!(
+        backend(),
+        thinpool::BackendKind::Dm,
+        "a dm-only test; run it in the VM"
+    );
+    let mut tp = TestPool::small("needs-check");
+    let spec = small_spec(&tp.root);
+    make_layer(&mut tp, "k", "layer", None, "f", b"survives the check");
+    tp.close(true);
+    let meta = tp.root.join("metadata");
+    set_needs_check(&meta);
+    assert_eq!(superblock_flags(&meta) & 1, 1);
+    tp.reopen(&spec);
+    let st = tp.pool().status().unwrap();
+    assert!(!st.kernel.needs_check, "{st:?}");
+    assert_eq!(st.kernel.mode, thinpool::PoolMode::Rw);
+    assert_eq!(
+        superblock_flags(&meta) & 1,
+        0,
+        "thin_check cleared the flag"
+    );
+    tp.pool()
+        .snapshot(request("c", Some("layer"), DeviceKind::Active))
+        .unwrap();
+    let c = tp.mount("c");
+    assert_eq!(read_file(&c.join("f")), b"survives the check");
+    tp.unmount(&c);
+    tp.assert_audit_clean();
+}
+
+/// dm-thin's metadata superblock: csum (le32) then flags (le32) in block 0 of 4 KiB; the
+/// checksum is crc32c over bytes 4..4096, seeded with !0, xored with 160774.
+fn set_needs_check(meta: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(meta)
+        .unwrap();
+    let mut sb = [0u8; 4096];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    let flags = u32::from_le_bytes(sb[4..8].try_into().unwrap()) | 1;
+    sb[4..8].copy_from_slice(&flags.to_le_bytes());
+    let csum = crc32c(!0, &sb[4..]) ^ 160_774;
+    sb[0..4].copy_from_slice(&csum.to_le_bytes());
+    f.write_all_at(&sb, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn superblock_flags(meta: &Path) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(meta).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 0).unwrap();
+    u32::from_le_bytes(b[4..8].try_into().unwrap())
+}
+
+/// CRC-32C (Castagnoli), reflected, without the final inversion (the kernel's crc32c()).
+fn crc32c(mut crc: u32, data: &[u8]) -> u32 {
+    for &byte in data {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use devicemapper::{
     DM, DataBlocks as DmDataBlocks, DevId, Device, DmDevice, DmError, DmFlags, DmName, DmNameBuf,
@@ -37,13 +37,14 @@ pub struct DmBackend {
     names: Names,
     paths: PoolPaths,
     block_size: Bytes,
-    pool: Mutex<ThinPoolDev>,
+    pool: ThinPoolDev,
     /// The pool's (major, minor), which every thin table names.
     pool_dev: Device,
-    /// Serialises a pool message with the `set_transaction_id` that commits it, and holds the
-    /// kernel's current transaction id. The kernel serialises pool messages anyway, so this
-    /// costs no parallelism: suspends, activations and mkfs all happen outside it.
-    txn: Mutex<u64>,
+    /// Our view of the kernel's transaction id. No lock pairs a message with the
+    /// `set_transaction_id` after it: the kernel's own compare-and-swap orders concurrent
+    /// bumps (see [`DmBackend::bump_txn`]), and reconcile never needs to know which message a
+    /// given id committed, only that the kernel's id never falls behind our records.
+    txn: AtomicU64,
 }
 
 /// The kernel names of a pool's objects.
@@ -232,9 +233,9 @@ impl DmBackend {
             names,
             paths: paths.clone(),
             block_size: settings.block_size,
-            pool: Mutex::new(pool),
+            pool,
             pool_dev,
-            txn: Mutex::new(txn),
+            txn: AtomicU64::new(txn),
         };
         backend.resume_suspended()?;
         Ok(backend)
@@ -340,19 +341,53 @@ impl DmBackend {
         Ok(())
     }
 
-    /// Sends a pool message and commits it with the next transaction id, atomically with
-    /// respect to other messages. Returns the new transaction id.
+    /// Sends a pool message, then advances the transaction id past it. Returns the new id.
     fn message_and_commit(&self, msg: &str) -> std::result::Result<u64, DmError> {
-        let mut txn = self.txn.lock().unwrap_or_else(|p| p.into_inner());
         self.pool_message(msg)?;
-        self.bump_txn(&mut txn)
+        self.bump_txn()
     }
 
-    fn bump_txn(&self, txn: &mut u64) -> std::result::Result<u64, DmError> {
-        let next = *txn + 1;
-        self.pool_message(&format!("set_transaction_id {} {next}", *txn))?;
-        *txn = next;
-        Ok(next)
+    /// Advances the kernel's transaction id by one with its compare-and-swap message
+    /// (`set_transaction_id <old> <new>`). When another thread bumped it first the kernel
+    /// answers EINVAL; we then re-read the kernel's value and try again.
+    fn bump_txn(&self) -> std::result::Result<u64, DmError> {
+        let mut cur = self.txn.load(Ordering::SeqCst);
+        for _ in 0..1000 {
+            let next = cur + 1;
+            match self.pool_message(&format!("set_transaction_id {cur} {next}")) {
+                Ok(()) => {
+                    self.txn.fetch_max(next, Ordering::SeqCst);
+                    return Ok(next);
+                }
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::EINVAL) => {
+                    // Lost a race only if the kernel's id moved; otherwise EINVAL is a real
+                    // refusal (e.g. a read-only pool) and retrying cannot help.
+                    match self.kernel_txn() {
+                        Ok(k) if k != cur => cur = k,
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DmError::Dm(
+            devicemapper::ErrorEnum::Error,
+            "set_transaction_id kept losing races".into(),
+        ))
+    }
+
+    /// The kernel's current transaction id (status without a metadata flush).
+    fn kernel_txn(&self) -> std::result::Result<u64, DmError> {
+        match self.pool.status(
+            &self.dm,
+            DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+        )? {
+            ThinPoolStatus::Working(w) => Ok(w.transaction_id),
+            _ => Err(DmError::Dm(
+                devicemapper::ErrorEnum::Error,
+                "thin-pool status is not Working".into(),
+            )),
+        }
     }
 
     fn pool_message(&self, msg: &str) -> std::result::Result<(), DmError> {
@@ -461,7 +496,7 @@ impl Backend for DmBackend {
     }
 
     fn status(&self) -> Result<BackendStatus> {
-        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = &self.pool;
         // NOFLUSH: a status query must not force a metadata commit (scrapes are frequent).
         let status = pool
             .status(
@@ -473,7 +508,7 @@ impl Backend for DmBackend {
             ThinPoolStatus::Working(w) => w,
             ThinPoolStatus::Fail => {
                 return Ok(BackendStatus {
-                    transaction_id: *self.txn.lock().unwrap_or_else(|p| p.into_inner()),
+                    transaction_id: self.txn.load(Ordering::SeqCst),
                     data_used: Bytes(0),
                     data_total: Bytes(0),
                     metadata_used: Bytes(0),
@@ -546,14 +581,15 @@ impl Backend for DmBackend {
     }
 
     fn delete(&self, id: ThinId) -> Result<u64> {
-        let mut txn = self.txn.lock().unwrap_or_else(|p| p.into_inner());
         match self.pool_message(&format!("delete {id}")) {
             Ok(()) => {}
             // ENODATA: the pool has no such id; deleting it again is done already.
-            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENODATA) => return Ok(*txn),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENODATA) => {
+                return Ok(self.txn.load(Ordering::SeqCst));
+            }
             Err(e) => return Err(Error::dm(format!("delete {id}"), e)),
         }
-        self.bump_txn(&mut txn)
+        self.bump_txn()
             .map_err(|e| Error::dm(format!("commit delete {id}"), e))
     }
 
@@ -607,12 +643,7 @@ impl Backend for DmBackend {
     }
 
     fn list_ids(&self) -> Result<BTreeSet<ThinId>> {
-        let meta_node = self
-            .pool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .meta_dev()
-            .devnode();
+        let meta_node = self.pool.meta_dev().devnode();
         // A metadata snapshot lets thin_ls read consistent metadata while the pool is live.
         self.pool_message("reserve_metadata_snap")
             .map_err(dm_err("reserve_metadata_snap"))?;
