@@ -80,6 +80,20 @@ impl AsyncPool {
         blocking(move || p.device(&name)).await
     }
 
+    pub async fn device_by_id(&self, id: crate::ids::ThinId) -> Result<DeviceRecord> {
+        let p = self.pool.clone();
+        blocking(move || p.device_by_id(id)).await
+    }
+
+    pub async fn set_labels(
+        &self,
+        name: DeviceName,
+        labels: BTreeMap<String, String>,
+    ) -> Result<DeviceRecord> {
+        let p = self.pool.clone();
+        blocking(move || p.set_labels(&name, labels)).await
+    }
+
     pub async fn devices(&self) -> Result<Vec<DeviceRecord>> {
         let p = self.pool.clone();
         blocking(move || p.devices()).await

@@ -343,6 +343,11 @@ impl Pool {
         }
     }
 
+    /// The record with thin id `id`, in any state (e.g. to name a device's parent).
+    pub fn device_by_id(&self, id: ThinId) -> Result<DeviceRecord> {
+        self.record(id)
+    }
+
     /// Every record, including the base device and records mid-operation, in id order.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
         self.store.read(|r| r.devices())
