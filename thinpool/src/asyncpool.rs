@@ -99,6 +99,16 @@ impl AsyncPool {
         blocking(move || p.devices()).await
     }
 
+    pub async fn usage_by_id(&self, id: crate::ids::ThinId) -> Result<Bytes> {
+        let p = self.pool.clone();
+        blocking(move || p.usage_by_id(id)).await
+    }
+
+    pub async fn active_devices(&self) -> Result<BTreeMap<crate::ids::ThinId, std::path::PathBuf>> {
+        let p = self.pool.clone();
+        blocking(move || p.active_devices()).await
+    }
+
     pub async fn status(&self) -> Result<PoolStatus> {
         let p = self.pool.clone();
         blocking(move || p.status()).await

@@ -644,6 +644,19 @@ impl Pool {
         self.backend.mapped_bytes(rec.id, rec.size)
     }
 
+    /// Bytes mapped by the device with thin id `id`, of any kind (the base device too); for
+    /// the API layer, which reports a snapshot's usage net of its parent's.
+    pub fn usage_by_id(&self, id: ThinId) -> Result<Bytes> {
+        let rec = self.record(id)?;
+        let _guard = self.locks.lock(rec.id);
+        self.backend.mapped_bytes(rec.id, rec.size)
+    }
+
+    /// The devices of this pool that are active now, with their device nodes.
+    pub fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> {
+        self.backend.active_devices()
+    }
+
     pub fn status(&self) -> Result<PoolStatus> {
         let settings = self.settings();
         let kernel = self.backend.status()?;
