@@ -1,25 +1,35 @@
-//! thinpoold: keeps a thin pool open and serves it.
+//! thinpoold: keeps a thin pool open and serves it over a unix socket: containerd's
+//! snapshots.v1 proxy-snapshotter API and thinpool's admin API (`thinctl` talks to both).
 //!
-//! This first version creates or opens the pool (reassembling it after a restart or a
-//! reboot, reconciling unfinished operations) and holds it until SIGTERM or SIGINT. The gRPC
-//! APIs (containerd's snapshots.v1 and our admin API) and metrics come next (issues 4, 5).
+//! Start-up: read the settings (flags over `--config` TOML over defaults), create or open
+//! the pool (reassembling it after a restart or a reboot, reconciling unfinished
+//! operations), bind the socket, serve. SIGTERM/SIGINT: stop accepting, let in-flight
+//! requests finish, exit; devices stay active for the containers using them.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use thinpool::{AsyncPool, BackendKind, Bytes, FsType, PoolSpec};
-use tracing::info;
+use thinpool_server::config::{BackendChoice, Config, FileConfig, Flags};
+use thinpool_server::{Service, StaticInfo};
+use tracing::{info, warn};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Thin-provisioned block devices for containers")]
 struct Args {
-    /// Directory holding the pool files and the metadata store.
-    #[arg(long, default_value = "/var/lib/thinpool")]
-    root: PathBuf,
-    /// Storage backend: auto picks dm where dm-thin works, reflink otherwise.
-    #[arg(long, default_value = "auto")]
-    backend: String,
+    /// TOML file with the same keys as these flags (data-size = "100G", ...); flags win.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory holding the pool files and the metadata store [default: /var/lib/thinpool]
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Unix socket to serve on [default: /run/thinpool/thinpool.sock]
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Storage backend: auto picks dm where dm-thin works, reflink otherwise [default: auto]
+    #[arg(long)]
+    backend: Option<String>,
     /// Data file size for a new pool (binary suffixes: 100G).
     #[arg(long)]
     data_size: Option<Bytes>,
@@ -35,6 +45,26 @@ struct Args {
     /// Filesystem of the base device: ext4 or xfs.
     #[arg(long)]
     fs: Option<FsType>,
+    /// Address for the metrics endpoint (not served yet) [default: 127.0.0.1:9095]
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// Group owning the socket (mode 0660) [default: root]
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Directory CRI reports as the image filesystem; created at start
+    /// [default: /var/lib/containerd/io.containerd.snapshotter.v1.thinpool]
+    #[arg(long)]
+    imagefs_dir: Option<PathBuf>,
+}
+
+fn library_version(kind: BackendKind) -> String {
+    match kind {
+        BackendKind::Dm => match thinpool::backend::dm::DmBackend::probe() {
+            Ok(v) => format!("kernel device-mapper {v} (ioctls via the devicemapper crate)"),
+            Err(e) => format!("unknown ({e})"),
+        },
+        BackendKind::Reflink => String::new(),
+    }
 }
 
 #[tokio::main]
@@ -45,27 +75,56 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
-    let backend = match args.backend.as_str() {
-        "auto" => {
-            let (kind, why) = thinpool::backend::detect();
-            info!(backend = %kind, "{why}");
-            Some(kind)
-        }
-        other => Some(other.parse::<BackendKind>()?),
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
     };
-    let spec = PoolSpec {
-        root: args.root.clone(),
-        backend,
+    let flags = Flags {
+        root: args.root,
+        socket: args.socket,
+        backend: args.backend,
         data_size: args.data_size,
         metadata_size: args.metadata_size,
-        block_size: args.block_size,
         base_size: args.base_size,
+        block_size: args.block_size,
         fs: args.fs,
+        metrics_addr: args.metrics_addr,
+        socket_group: args.socket_group,
+        imagefs_dir: args.imagefs_dir,
+    };
+    let config = Config::merge(flags, file)?;
+    let backend = match config.backend {
+        BackendChoice::Auto => {
+            let (kind, why) = thinpool::backend::detect();
+            info!(backend = %kind, "{why}");
+            kind
+        }
+        BackendChoice::Dm => BackendKind::Dm,
+        BackendChoice::Reflink => BackendKind::Reflink,
+    };
+    let spec = PoolSpec {
+        root: config.root.clone(),
+        backend: Some(backend),
+        data_size: config.data_size,
+        metadata_size: config.metadata_size,
+        block_size: config.block_size,
+        base_size: config.base_size,
+        fs: config.fs,
         ..PoolSpec::default()
     };
-    let pool = AsyncPool::open(spec)
-        .await
-        .with_context(|| format!("opening the pool at {}", args.root.display()))?;
+    let pool = match AsyncPool::open(spec).await {
+        Ok(p) => p,
+        Err(e) if e.to_string().contains("another process holds the pool") => {
+            bail!(
+                "{e}: is another thinpoold running on {}? Only one daemon may serve a pool.",
+                config.root.display()
+            )
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the pool at {}", config.root.display()));
+        }
+    };
     let status = pool.status().await?;
     info!(
         backend = %status.backend,
@@ -75,11 +134,33 @@ async fn main() -> Result<()> {
         mode = %status.kernel.mode,
         "pool ready"
     );
+    if let Err(e) = std::fs::create_dir_all(&config.imagefs_dir) {
+        warn!(dir = %config.imagefs_dir.display(), error = %e,
+            "could not create the image-fs directory CRI reports to kubelet");
+    }
+    info!(addr = %config.metrics_addr, "metrics endpoint not served yet (a later issue)");
+    let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
+        .context("setting up the socket")?;
+    info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
+
+    let service = Service::new(
+        pool,
+        StaticInfo {
+            library_version: library_version(backend),
+        },
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping; letting requests in flight finish"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
+        }
+    };
+    thinpool_server::serve(service, listener, shutdown).await?;
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }
     // Devices stay active: containers may still be using them.
+    info!("stopped");
     Ok(())
 }

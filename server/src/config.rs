@@ -1,0 +1,253 @@
+//! thinpoold's settings: command-line flags over a TOML file over defaults.
+//!
+//! The TOML file takes the flags' names as keys (`data-size` or `data_size`); sizes are
+//! strings with binary suffixes (`"100G"`) or plain byte counts. Only settings given on the
+//! command line or in the file reach the pool spec: the rest are the engine's defaults when
+//! the pool is created and "whatever the pool has" when it is opened.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thinpool::{Bytes, FsType};
+
+pub const DEFAULT_ROOT: &str = "/var/lib/thinpool";
+pub const DEFAULT_SOCKET: &str = "/run/thinpool/thinpool.sock";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9095";
+/// Where CRI reports the image filesystem of a snapshotter named "thinpool"; kubelet needs
+/// it to exist (see docs/quickstart.md).
+pub const DEFAULT_IMAGEFS_DIR: &str = "/var/lib/containerd/io.containerd.snapshotter.v1.thinpool";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Value { key: &'static str, message: String },
+}
+
+/// A size in the TOML file: `"10G"` or `10737418240`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Text(String),
+    Number(u64),
+}
+
+/// The TOML file. Every key is optional.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub backend: Option<String>,
+    #[serde(alias = "data_size")]
+    pub data_size: Option<SizeValue>,
+    #[serde(alias = "metadata_size")]
+    pub metadata_size: Option<SizeValue>,
+    #[serde(alias = "base_size")]
+    pub base_size: Option<SizeValue>,
+    #[serde(alias = "block_size")]
+    pub block_size: Option<SizeValue>,
+    pub fs: Option<String>,
+    #[serde(alias = "metrics_addr")]
+    pub metrics_addr: Option<String>,
+    #[serde(alias = "socket_group")]
+    pub socket_group: Option<String>,
+    #[serde(alias = "imagefs_dir")]
+    pub imagefs_dir: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// Flags as given on the command line (`None`: not given).
+#[derive(Clone, Debug, Default)]
+pub struct Flags {
+    pub root: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub backend: Option<String>,
+    pub data_size: Option<Bytes>,
+    pub metadata_size: Option<Bytes>,
+    pub base_size: Option<Bytes>,
+    pub block_size: Option<Bytes>,
+    pub fs: Option<FsType>,
+    pub metrics_addr: Option<String>,
+    pub socket_group: Option<String>,
+    pub imagefs_dir: Option<PathBuf>,
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    Auto,
+    Dm,
+    Reflink,
+}
+
+/// The daemon's effective settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub backend: BackendChoice,
+    pub data_size: Option<Bytes>,
+    pub metadata_size: Option<Bytes>,
+    pub base_size: Option<Bytes>,
+    pub block_size: Option<Bytes>,
+    pub fs: Option<FsType>,
+    /// Accepted and kept for the metrics endpoint (a later issue); nothing listens yet.
+    pub metrics_addr: String,
+    pub socket_group: Option<String>,
+    pub imagefs_dir: PathBuf,
+}
+
+fn size(key: &'static str, v: Option<SizeValue>) -> Result<Option<Bytes>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(SizeValue::Number(n)) => Ok(Some(Bytes(n))),
+        Some(SizeValue::Text(s)) => s.parse().map(Some).map_err(|e| ConfigError::Value {
+            key,
+            message: format!("{e}"),
+        }),
+    }
+}
+
+fn backend(s: &str) -> Result<BackendChoice, ConfigError> {
+    match s {
+        "auto" => Ok(BackendChoice::Auto),
+        "dm" => Ok(BackendChoice::Dm),
+        "reflink" => Ok(BackendChoice::Reflink),
+        other => Err(ConfigError::Value {
+            key: "backend",
+            message: format!("{other:?}: expected auto, dm or reflink"),
+        }),
+    }
+}
+
+impl Config {
+    /// Flags override the file; the file overrides defaults.
+    pub fn merge(flags: Flags, file: FileConfig) -> Result<Config, ConfigError> {
+        let fs = match flags.fs {
+            Some(f) => Some(f),
+            None => file
+                .fs
+                .map(|s| {
+                    s.parse::<FsType>().map_err(|e| ConfigError::Value {
+                        key: "fs",
+                        message: e.to_string(),
+                    })
+                })
+                .transpose()?,
+        };
+        Ok(Config {
+            root: flags
+                .root
+                .or(file.root)
+                .unwrap_or_else(|| DEFAULT_ROOT.into()),
+            socket: flags
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            backend: backend(
+                flags
+                    .backend
+                    .as_deref()
+                    .or(file.backend.as_deref())
+                    .unwrap_or("auto"),
+            )?,
+            data_size: flags
+                .data_size
+                .map_or_else(|| size("data-size", file.data_size), |v| Ok(Some(v)))?,
+            metadata_size: flags.metadata_size.map_or_else(
+                || size("metadata-size", file.metadata_size),
+                |v| Ok(Some(v)),
+            )?,
+            base_size: flags
+                .base_size
+                .map_or_else(|| size("base-size", file.base_size), |v| Ok(Some(v)))?,
+            block_size: flags
+                .block_size
+                .map_or_else(|| size("block-size", file.block_size), |v| Ok(Some(v)))?,
+            fs,
+            metrics_addr: flags
+                .metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| DEFAULT_METRICS_ADDR.into()),
+            socket_group: flags.socket_group.or(file.socket_group),
+            imagefs_dir: flags
+                .imagefs_dir
+                .or(file.imagefs_dir)
+                .unwrap_or_else(|| DEFAULT_IMAGEFS_DIR.into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let file = FileConfig::parse(
+            r#"
+            root = "/srv/pool"
+            data-size = "8G"
+            metadata_size = 67108864
+            fs = "xfs"
+            socket-group = "docker"
+            "#,
+        )
+        .unwrap();
+        let flags = Flags {
+            data_size: Some(Bytes::gib(4)),
+            ..Flags::default()
+        };
+        let c = Config::merge(flags, file).unwrap();
+        assert_eq!(c.root, PathBuf::from("/srv/pool"));
+        assert_eq!(c.data_size, Some(Bytes::gib(4)));
+        assert_eq!(c.metadata_size, Some(Bytes::mib(64)));
+        assert_eq!(c.fs, Some(FsType::Xfs));
+        assert_eq!(c.base_size, None, "unset settings stay unset");
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.socket_group.as_deref(), Some("docker"));
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.metrics_addr, DEFAULT_METRICS_ADDR);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_key() {
+        assert!(FileConfig::parse("nosuchkey = 1").is_err());
+        let e = Config::merge(
+            Flags::default(),
+            FileConfig::parse(r#"base-size = "10X""#).unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("base-size"), "{e}");
+        let e = Config::merge(
+            Flags::default(),
+            FileConfig::parse(r#"backend = "lvm""#).unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("backend"), "{e}");
+    }
+}

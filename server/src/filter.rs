@@ -1,0 +1,330 @@
+//! containerd's filter syntax, as containerd sends it to a snapshotter's List:
+//!
+//! ```text
+//! filter   := selector ("," selector)*            (AND)
+//! selector := fieldpath [operator value]           (no operator: the field is present)
+//! fieldpath:= field ("." field)*
+//! field    := identifier | quoted
+//! operator := "==" | "!="
+//! value    := quoted | everything up to the next ","
+//! quoted   := "..." (with \" \\ \n \t \r escapes) | /.../ | |...|
+//! ```
+//!
+//! Several filter strings are OR'ed. Snapshot fields: `name`, `parent`, `kind`
+//! (`active`/`view`/`committed`) and `labels.<key>` (keys with dots quoted:
+//! `labels."containerd.io/snapshot.ref"`). Unknown fields match nothing, as in containerd.
+//! containerd's `~=` (regular expressions) is not supported: it is refused as invalid.
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("filter {filter:?}: {message}")]
+pub struct FilterError {
+    pub filter: String,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Present,
+    Eq,
+    Ne,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Selector {
+    path: Vec<String>,
+    op: Op,
+    value: String,
+}
+
+/// The fields of one snapshot, as filters see them.
+pub struct Fields<'a> {
+    pub name: &'a str,
+    pub parent: &'a str,
+    pub kind: &'a str,
+    pub labels: &'a HashMap<String, String>,
+}
+
+impl Fields<'_> {
+    fn get(&self, path: &[String]) -> Option<&str> {
+        let (first, rest) = path.split_first()?;
+        let v = match first.as_str() {
+            "name" if rest.is_empty() => self.name,
+            "parent" if rest.is_empty() => self.parent,
+            "kind" if rest.is_empty() => self.kind,
+            "labels" if !rest.is_empty() => return self.labels.get(&rest.join(".")).map(|s| &**s),
+            _ => return None,
+        };
+        (!v.is_empty()).then_some(v)
+    }
+}
+
+/// A parsed list of filters: matches when any filter matches (no filters: everything).
+#[derive(Clone, Debug, Default)]
+pub struct Filters(Vec<Vec<Selector>>);
+
+impl Filters {
+    pub fn parse<S: AsRef<str>>(filters: &[S]) -> Result<Filters, FilterError> {
+        let mut out = Vec::new();
+        for f in filters {
+            let f = f.as_ref();
+            let sels = parse_one(f).map_err(|message| FilterError {
+                filter: f.to_string(),
+                message,
+            })?;
+            out.push(sels);
+        }
+        Ok(Filters(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, fields: &Fields<'_>) -> bool {
+        self.0.is_empty()
+            || self.0.iter().any(|sels| {
+                sels.iter().all(|s| match (s.op, fields.get(&s.path)) {
+                    (Op::Present, v) => v.is_some(),
+                    (Op::Eq, Some(v)) => v == s.value,
+                    (Op::Ne, Some(v)) => v != s.value,
+                    (_, None) => false,
+                })
+            })
+    }
+}
+
+struct Scanner<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+    fn skip_ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
+        }
+    }
+    fn eat(&mut self, t: &str) -> bool {
+        if self.s[self.pos..].starts_with(t.as_bytes()) {
+            self.pos += t.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn quoted(&mut self) -> Result<String, String> {
+        let q = self.peek().ok_or("expected a quoted string")?;
+        let start = self.pos;
+        self.pos += 1;
+        let mut out = Vec::new();
+        loop {
+            match self.peek() {
+                None => return Err(format!("unterminated quoted string at byte {start}")),
+                Some(c) if c == q => {
+                    self.pos += 1;
+                    break;
+                }
+                Some(b'\\') if q == b'"' => {
+                    self.pos += 1;
+                    let e = self.peek().ok_or("unterminated escape")?;
+                    out.push(match e {
+                        b'"' => b'"',
+                        b'\\' => b'\\',
+                        b'n' => b'\n',
+                        b't' => b'\t',
+                        b'r' => b'\r',
+                        b'/' => b'/',
+                        other => return Err(format!("unsupported escape \\{}", other as char)),
+                    });
+                    self.pos += 1;
+                }
+                Some(c) => {
+                    out.push(c);
+                    self.pos += 1;
+                }
+            }
+        }
+        String::from_utf8(out).map_err(|_| "quoted string is not UTF-8".to_string())
+    }
+
+    fn field(&mut self) -> Result<String, String> {
+        match self.peek() {
+            Some(b'"' | b'/' | b'|') => self.quoted(),
+            Some(c) if c.is_ascii_alphanumeric() || c == b'_' => {
+                let start = self.pos;
+                while matches!(self.peek(), Some(c) if c.is_ascii_alphanumeric() || c == b'_') {
+                    self.pos += 1;
+                }
+                Ok(String::from_utf8_lossy(&self.s[start..self.pos]).into_owned())
+            }
+            Some(c) => Err(format!(
+                "unexpected {:?} at byte {} where a field name was expected",
+                c as char, self.pos
+            )),
+            None => Err("expected a field name".into()),
+        }
+    }
+
+    fn value(&mut self) -> Result<String, String> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b'"' | b'/' | b'|') => self.quoted(),
+            _ => {
+                let start = self.pos;
+                while !matches!(self.peek(), None | Some(b',')) {
+                    self.pos += 1;
+                }
+                let v = std::str::from_utf8(&self.s[start..self.pos])
+                    .map_err(|_| "value is not UTF-8".to_string())?
+                    .trim()
+                    .to_string();
+                if v.is_empty() {
+                    return Err(format!("missing value at byte {start}"));
+                }
+                if v.contains(['"', '=']) {
+                    return Err(format!("value {v:?} must be quoted"));
+                }
+                Ok(v)
+            }
+        }
+    }
+}
+
+fn parse_one(f: &str) -> Result<Vec<Selector>, String> {
+    let mut sc = Scanner {
+        s: f.as_bytes(),
+        pos: 0,
+    };
+    let mut sels = Vec::new();
+    sc.skip_ws();
+    if sc.peek().is_none() {
+        return Ok(sels); // an empty filter matches everything
+    }
+    loop {
+        sc.skip_ws();
+        let mut path = vec![sc.field()?];
+        while sc.eat(".") {
+            path.push(sc.field()?);
+        }
+        sc.skip_ws();
+        let op = if sc.eat("==") {
+            Op::Eq
+        } else if sc.eat("!=") {
+            Op::Ne
+        } else if sc.eat("~=") {
+            return Err("regular-expression filters (~=) are not supported".into());
+        } else {
+            Op::Present
+        };
+        let value = if op == Op::Present {
+            String::new()
+        } else {
+            sc.value()?
+        };
+        sels.push(Selector { path, op, value });
+        sc.skip_ws();
+        match sc.peek() {
+            None => return Ok(sels),
+            Some(b',') => sc.pos += 1,
+            Some(c) => {
+                return Err(format!(
+                    "unexpected {:?} at byte {}: expected \",\" or an operator (== or !=)",
+                    c as char, sc.pos
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields<'a>(
+        name: &'a str,
+        parent: &'a str,
+        kind: &'a str,
+        labels: &'a HashMap<String, String>,
+    ) -> Fields<'a> {
+        Fields {
+            name,
+            parent,
+            kind,
+            labels,
+        }
+    }
+
+    #[test]
+    fn containerd_filters() {
+        let mut labels = HashMap::new();
+        labels.insert(
+            "containerd.io/snapshot.ref".to_string(),
+            "sha256:abc".into(),
+        );
+        labels.insert("a".to_string(), "1".into());
+        let f = fields("default/3/x", "default/2/p", "committed", &labels);
+        let yes = [
+            r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent==default/2/p"#,
+            "name==default/3/x",
+            r#"name=="default/3/x""#,
+            "kind==committed",
+            "kind!=active",
+            "labels.a",
+            "labels.a==1, kind==committed",
+            "parent",
+            "",
+        ];
+        for s in yes {
+            assert!(
+                Filters::parse(&[s]).unwrap().matches(&f),
+                "{s} should match"
+            );
+        }
+        let no = [
+            "kind==active",
+            "labels.b",
+            "labels.b!=1",
+            "labels.a==1,kind==view",
+            "nosuchfield==x",
+            r#"labels."containerd.io/snapshot.ref"==sha256:abd"#,
+        ];
+        for s in no {
+            assert!(!Filters::parse(&[s]).unwrap().matches(&f), "{s} matched");
+        }
+        // OR across filter strings.
+        assert!(
+            Filters::parse(&["kind==active", "kind==committed"])
+                .unwrap()
+                .matches(&f)
+        );
+        assert!(Filters::parse::<&str>(&[]).unwrap().matches(&f));
+        // An empty parent is absent.
+        let top = fields("k", "", "active", &labels);
+        assert!(!Filters::parse(&["parent"]).unwrap().matches(&top));
+        assert!(!Filters::parse(&["parent!=x"]).unwrap().matches(&top));
+    }
+
+    #[test]
+    fn bad_syntax_is_refused() {
+        for s in [
+            "name~=abc",
+            "name==",
+            "name=x",
+            "==x",
+            r#"labels."unterminated==x"#,
+            "labels.a==\"x\"y",
+            "name==a,",
+            ".name==a",
+        ] {
+            assert!(Filters::parse(&[s]).is_err(), "{s} parsed");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! thinpoold as a library: the gRPC services (containerd's `snapshots.v1` proxy-snapshotter
+//! API and the `thinpool.v1` admin API), the unix socket they are served on, and the
+//! daemon's configuration. `main.rs` wires them up; tests run the same code in-process.
+
+pub mod config;
+pub mod filter;
+pub mod service;
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thinpool_proto::admin::admin_server::AdminServer;
+use thinpool_proto::snapshots::snapshots_server::SnapshotsServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::info;
+
+pub use service::{SIZE_LABEL, Service, StaticInfo};
+
+/// containerd's proxy client allows 16 MiB messages; so do we.
+pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another server is listening on {0}; refusing to replace its socket")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket group {0:?} does not exist")]
+    NoSuchGroup(String),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SocketError + 'a {
+    move |source| SocketError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Binds the unix socket at `path`: mode 0660, owned by root and by `group` (root's group if
+/// `None`). A stale socket file (nobody listening) is replaced; a live one is refused. Must be
+/// called inside a tokio runtime.
+pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, SocketError> {
+    let gid = match group {
+        None => None,
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| io_err("look up group for", path)(e.into()))?
+                .ok_or_else(|| SocketError::NoSuchGroup(g.to_string()))?
+                .gid,
+        ),
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io_err("create socket directory", dir))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SocketError::InUse(path.to_path_buf()));
+            }
+            info!(socket = %path.display(), "replacing a stale socket");
+            std::fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("stat", path)(e)),
+    }
+    // Create the socket without group/other access from the start, then open it to the group.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io_err("bind", path))?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| io_err("chown", path)(e.into()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_err("chmod", path))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("set non-blocking", path))?;
+    UnixListener::from_std(listener).map_err(io_err("register", path))
+}
+
+/// Serves both APIs on `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish and returns. The background reclaimer runs meanwhile and is
+/// stopped (after finishing a reclaim in progress) before this returns.
+pub async fn serve(
+    service: Service,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reclaimer = {
+        let s = service.clone();
+        tokio::spawn(async move { s.run_reclaimer(stop_rx).await })
+    };
+    let snapshots = SnapshotsServer::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let admin = AdminServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let result = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::debug_span!("rpc", path = %req.uri().path()))
+        .add_service(snapshots)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = reclaimer.await;
+    result
+}
