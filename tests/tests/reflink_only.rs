@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tempfile::TempDir;
 use thinpool::{
-    BackendKind, Bytes, DeviceKind, DeviceName, ErrorKind, MountSpec, Pool, PoolMode, PoolSpec,
-    RemoveOptions, SnapshotRequest,
+    BackendKind, Bytes, DeviceKind, DeviceName, ErrorKind, FsType, MountSpec, Pool, PoolMode,
+    PoolSpec, RemoveOptions, SnapshotRequest,
 };
 
 const MIB: u64 = 1 << 20;
@@ -324,6 +324,12 @@ fn snapshot_chain_shows_each_layers_files() {
         "1",
         "a view's loop is read-only"
     );
+    assert_eq!(sysfs_loop_attr(&spec_v.source, "loop/dio"), "1");
+    assert_eq!(
+        sysfs_loop_attr(&spec_v.source, "queue/logical_block_size"),
+        "4096",
+        "device loops have the XFS block size as sector size, so direct I/O works on clones"
+    );
     assert_eq!(fs::read_to_string(m.join("a.txt")).unwrap(), "changed in b");
     assert_eq!(fs::read_to_string(m.join("b.txt")).unwrap(), "layer b");
     assert!(fs::write(m.join("c.txt"), "no").is_err());
@@ -354,7 +360,12 @@ fn usage_grows_with_writes() {
     );
     let used_before = data_used(fx.pool());
 
-    let (_, m) = fx.mount("c");
+    let (spec_c, m) = fx.mount("c");
+    assert_eq!(
+        sysfs_loop_attr(&spec_c.source, "loop/dio"),
+        "1",
+        "devices use direct I/O"
+    );
     write_file(&m.join("blob"), 64 * MIB);
     // Activating again returns the same node while active.
     let again = fx.pool().activate(&name("c")).unwrap();
@@ -726,4 +737,50 @@ impl Drop for AlignedBuf {
         // SAFETY: allocated in new() with this layout.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
+}
+
+/// An XFS base filesystem (made on a 4 KiB-sector device) and a snapshot larger than its
+/// parent (the engine grows the filesystem on the larger file).
+#[test]
+fn xfs_base_and_a_larger_snapshot() {
+    let dir = tempfile::Builder::new()
+        .prefix("reflink-")
+        .tempdir_in(test_dir())
+        .unwrap();
+    let mut fx = Fixture {
+        pool: Some(
+            Pool::open(&PoolSpec {
+                fs: Some(FsType::Xfs),
+                ..spec(&dir.path().join("pool"))
+            })
+            .expect("create pool with an XFS base"),
+        ),
+        dir: Some(dir),
+        mounts: Vec::new(),
+    };
+    fx.snapshot("x", None, DeviceKind::Active);
+    let (_, m) = fx.mount("x");
+    fs::write(m.join("f"), "xfs inside xfs").unwrap();
+    fx.umount(&m);
+    fx.pool()
+        .commit(&name("x"), &name("layer-x"), None)
+        .unwrap();
+    fx.pool()
+        .snapshot(SnapshotRequest {
+            name: name("big"),
+            parent: Some(name("layer-x")),
+            kind: DeviceKind::Active,
+            size: Some(Bytes::gib(2)),
+            labels: BTreeMap::new(),
+        })
+        .unwrap();
+    let (_, m) = fx.mount("big");
+    assert_eq!(fs::read_to_string(m.join("f")).unwrap(), "xfs inside xfs");
+    let st = nix::sys::statvfs::statvfs(&m).unwrap();
+    let size = st.blocks() * st.fragment_size();
+    assert!(
+        size > Bytes::gib(1).0 + Bytes::mib(512).0,
+        "grown filesystem is {size} bytes"
+    );
+    fx.umount(&m);
 }

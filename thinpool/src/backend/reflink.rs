@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
 
-use loopdev::LoopControl;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tracing::{info, warn};
 
@@ -69,6 +68,8 @@ pub struct ReflinkBackend {
     /// Size of the external log (the used part of the metadata file).
     log_size: Bytes,
     block_size: Bytes,
+    /// Logical sector size of device loops: the XFS block size.
+    device_block_size: u32,
     /// The last transaction id made durable. The lock is held only for a counter bump.
     txn: parking_lot::Mutex<u64>,
 }
@@ -182,7 +183,10 @@ impl ReflinkBackend {
             )));
         }
         let txn = read_counter(&mnt)?;
+        let st =
+            nix::sys::statvfs::statvfs(&mnt).map_err(|e| Error::io("statfs", &mnt, e.into()))?;
         Ok(ReflinkBackend {
+            device_block_size: st.block_size() as u32,
             data_file: paths.data_file.clone(),
             metadata_file: paths.metadata_file.clone(),
             data_dev,
@@ -408,19 +412,16 @@ impl Backend for ReflinkBackend {
     }
 
     /// Attaches a loop device with direct I/O to the device's file (read-only when asked)
-    /// and returns its node; an attached device returns the node it has. `size` is not
-    /// used: the file has the device's size.
+    /// and returns its node; an attached device returns the node it has. The device has
+    /// the XFS block size (4 KiB) as its logical sector size (see [`attach_device_file`]),
+    /// so filesystems made on the base device use at least that. `size` is not used: the
+    /// file has the device's size.
     fn activate(&self, id: ThinId, _size: Bytes, read_only: bool) -> Result<PathBuf> {
         let file = self.device_file(id);
         if !file.exists() {
             return Err(Error::NotFound(format!("thin id {id} has no file")));
         }
-        let dev = if read_only {
-            attach_read_only(&file)?
-        } else {
-            loopback::attach(&file)?
-        };
-        Ok(dev)
+        attach_device_file(&file, read_only, self.device_block_size)
     }
 
     /// Detaches the device's loop device. Fails with `FailedPrecondition` while it is
@@ -684,34 +685,66 @@ fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
     Ok(found)
 }
 
-/// Attaches `file` read-only (the file is opened read-only too) with direct I/O, or returns
-/// the loop device it is attached to. [`loopback::attach`] has no read-only mode.
-fn attach_read_only(file: &Path) -> Result<PathBuf> {
+/// Attaches a device file to a free loop device, or returns the one it is attached to.
+///
+/// One `LOOP_CONFIGURE` sets the backing file, the logical block size and direct I/O
+/// together, so the device is never visible without them. The block size is the XFS block
+/// size: XFS allows direct I/O to a reflinked file only in whole blocks, and a loop device
+/// with smaller sectors silently falls back to buffered I/O (cached twice). With
+/// `read_only`, both the file and the device are read-only.
+fn attach_device_file(file: &Path, read_only: bool, block_size: u32) -> Result<PathBuf> {
     if let Some(dev) = loopback::find(file)? {
         return Ok(dev);
     }
-    let ctl = LoopControl::open().map_err(|e| Error::io("open", "/dev/loop-control", e))?;
-    // As in loopback::attach: EBUSY means another process took the free device first.
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(file)
+        .map_err(|e| Error::io("open device file", file, e))?;
+    let ctl_path = Path::new("/dev/loop-control");
+    let ctl = File::open(ctl_path).map_err(|e| Error::io("open", ctl_path, e))?;
+    let mut config = LoopConfig {
+        fd: backing.as_raw_fd() as u32,
+        block_size,
+        // SAFETY: LoopInfo64 is plain data; all-zero is its "no options" value.
+        info: unsafe { std::mem::zeroed() },
+        reserved: [0; 8],
+    };
+    config.info.lo_flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+    // LOOP_CTL_GET_FREE then LOOP_CONFIGURE races with other processes taking the same
+    // device; EBUSY means someone won, so ask for another.
     let mut last_err = None;
     for _ in 0..20 {
-        let dev = ctl
-            .next_free()
-            .map_err(|e| Error::io("find a free loop device", "/dev/loop-control", e))?;
-        let path = dev.path().unwrap_or_default();
-        match dev.with().read_only(true).autoclear(false).attach(file) {
-            Ok(()) => {
-                if let Err(e) = dev.set_direct_io(true) {
-                    warn!(file = %file.display(), error = %e,
-                        "direct I/O unavailable on a device file; using buffered I/O");
-                }
-                return Ok(path);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                last_err = Some(e);
-                sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(Error::io("attach loop device", file, e)),
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(Error::io(
+                "find a free loop device",
+                ctl_path,
+                io::Error::last_os_error(),
+            ));
         }
+        let dev = PathBuf::from(format!("/dev/loop{n}"));
+        let loop_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .map_err(|e| Error::io("open loop device", &dev, e))?;
+        // SAFETY: the kernel reads `config`, which outlives the call.
+        if unsafe { libc::ioctl(loop_file.as_raw_fd(), LOOP_CONFIGURE, &config) } == 0 {
+            let dio = fs::read_to_string(sysfs_loop_attr(&dev, "dio")).unwrap_or_default();
+            if dio.trim() != "1" {
+                warn!(file = %file.display(), dev = %dev.display(),
+                    "direct I/O refused for a device file; it uses buffered I/O");
+            }
+            return Ok(dev);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(Error::io("LOOP_CONFIGURE", file, e));
+        }
+        last_err = Some(e);
+        sleep(Duration::from_millis(10));
     }
     Err(Error::io(
         "attach loop device (busy after 20 tries)",
@@ -720,10 +753,15 @@ fn attach_read_only(file: &Path) -> Result<PathBuf> {
     ))
 }
 
+// From <linux/loop.h>.
 const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
 const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
 const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
 
 /// `struct loop_info64` from `<linux/loop.h>`.
 #[repr(C)]
@@ -741,6 +779,15 @@ struct LoopInfo64 {
     lo_crypt_name: [u8; 64],
     lo_encrypt_key: [u8; 32],
     lo_init: [u64; 2],
+}
+
+/// `struct loop_config` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
 }
 
 /// Detaches a loop device that nobody uses; fails with `FailedPrecondition` otherwise.
@@ -776,7 +823,7 @@ fn detach_unused(dev: &Path) -> Result<()> {
     }
     // Our close is the last one unless someone else has the device open.
     drop(f);
-    let backing = sysfs_backing_file(dev);
+    let backing = sysfs_loop_attr(dev, "backing_file");
     let waited = std::time::Instant::now();
     while backing.exists() {
         if waited.elapsed() >= DETACH_WAIT {
@@ -820,9 +867,10 @@ fn keep_attached(dev: &Path) -> Result<bool> {
     Ok(true)
 }
 
-fn sysfs_backing_file(dev: &Path) -> PathBuf {
+/// `/sys/block/<dev>/loop/<attr>`.
+fn sysfs_loop_attr(dev: &Path, attr: &str) -> PathBuf {
     let name = dev.file_name().unwrap_or_default();
-    Path::new("/sys/block").join(name).join("loop/backing_file")
+    Path::new("/sys/block").join(name).join("loop").join(attr)
 }
 
 /// `struct fiemap` from `<linux/fiemap.h>`, without its extent array.
@@ -928,6 +976,7 @@ mod tests {
     #[test]
     fn loop_info_has_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
         assert_eq!(std::mem::size_of::<FiemapHeader>(), 32);
         assert_eq!(std::mem::size_of::<FiemapExtent>(), 56);
     }
