@@ -420,9 +420,19 @@ fn deactivating_a_device_in_use_fails_and_leaves_it_attached() {
     fx.pool().deactivate(&name("busy")).unwrap();
     assert!(sysfs_loop_attr(&spec.source, "loop/backing_file").is_empty());
     fx.pool().deactivate(&name("busy")).unwrap();
-    let (_, m) = fx.mount("busy");
+    let (spec, m) = fx.mount("busy");
     assert_eq!(fs::read_to_string(m.join("still-here")).unwrap(), "yes");
     fx.umount(&m);
+
+    // A loop device detached behind the pool's back is noticed: activate attaches anew.
+    thinpool::loopback::detach(&spec.source).unwrap();
+    let again = fx.pool().activate(&name("busy")).unwrap();
+    let id = fx.pool().device(&name("busy")).unwrap().id;
+    let file = fs::canonicalize(fx.root().join(format!("mnt/devices/{id}"))).unwrap();
+    assert_eq!(
+        sysfs_loop_attr(&again.source, "loop/backing_file"),
+        file.to_string_lossy()
+    );
 }
 
 #[test]

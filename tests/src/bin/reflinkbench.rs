@@ -1,12 +1,13 @@
 //! Benchmark of the reflink backend, each figure measured in the same run as its baseline.
 //!
 //! 1. Snapshot + activate latency (engine `snapshot` then `activate`) of a 10 GiB device
-//!    with 1 GiB written, over 200 snapshots; baseline: a bare `FICLONE` + fsync + loop
-//!    attach of the same file, with no engine bookkeeping.
+//!    with 1 GiB written, over 200 snapshots kept active; baseline, interleaved: a bare
+//!    `FICLONE` + fsync + `LOOP_CONFIGURE` of the same file, the kernel work alone.
 //! 2. I/O on an activated device against a plain direct-I/O loop device over a sparse file
 //!    on the host filesystem: sequential 1 MiB O_DIRECT write and read of 1 GiB, 4 KiB
 //!    random O_DIRECT writes (20,000), and the same random writes into blocks shared with a
-//!    snapshot (copy-on-write). Three rounds, alternating targets; medians reported.
+//!    snapshot (copy-on-write). Five rounds on fresh pairs, alternating which side goes
+//!    first; medians reported.
 //!
 //! Run as root: `cargo run --release -p thinpool-tests --bin reflinkbench`. The pool lives
 //! under `THINPOOL_BENCH_DIR` (default `/var/tmp/thinpool-bench`), on the host disk.
@@ -29,7 +30,7 @@ const GIB: u64 = 1 << 30;
 const SNAPSHOTS: usize = 200;
 const SEQ_BYTES: u64 = GIB;
 const RANDOM_OPS: usize = 20_000;
-const ROUNDS: u64 = 3;
+const ROUNDS: u64 = 5;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -178,59 +179,63 @@ fn run(dir: &Path, root: &Path, cleanup: &mut Cleanup) -> Res<()> {
     ));
 
     // 2. I/O: an activated device against a plain loop device over a sparse host file.
-    snapshot(pool, "io", None)?;
-    let thin = pool.activate(&name("io"))?.source;
-    let plain_file = dir.join("plain.img");
-    loopback::create_sparse(&plain_file, Bytes::gib(10).0)?;
-    let plain = loopback::attach(&plain_file)?;
-    cleanup.loops.push(plain.clone());
-    for dev in [&thin, &plain] {
-        let dio = fs::read_to_string(
-            Path::new("/sys/block")
-                .join(dev.file_name().unwrap())
-                .join("loop/dio"),
-        )?;
-        if dio.trim() != "1" {
-            return Err(format!("{} does not use direct I/O", dev.display()).into());
-        }
-    }
-
+    // Each round uses a fresh pair (a new snapshot of the 10 GiB base, a new sparse file),
+    // so both sides allocate on the sequential write and neither inherits the other
+    // rounds' fragmentation; the side that goes first alternates.
     let mut results: BTreeMap<&str, [Vec<f64>; 2]> = BTreeMap::new();
     let mut record = |test, which: usize, v: f64| {
+        eprintln!("  {test} {}: {v:.0}", ["reflink", "plain"][which]);
         results
             .entry(test)
             .or_insert_with(|| [Vec::new(), Vec::new()])[which]
             .push(v)
     };
     for round in 0..ROUNDS {
-        // A fresh region each round, so sequential writes always allocate.
-        let offset = (1 + round) * GIB;
+        let io = format!("io-{round}");
+        snapshot(pool, &io, None)?;
+        let thin = pool.activate(&name(&io))?.source;
+        let plain_file = dir.join(format!("plain-{round}.img"));
+        loopback::create_sparse(&plain_file, Bytes::gib(10).0)?;
+        let plain = loopback::attach(&plain_file)?;
+        cleanup.loops.push(plain.clone());
+        for dev in [&thin, &plain] {
+            let dio = fs::read_to_string(
+                Path::new("/sys/block")
+                    .join(dev.file_name().unwrap_or_default())
+                    .join("loop/dio"),
+            )?;
+            if dio.trim() != "1" {
+                return Err(format!("{} does not use direct I/O", dev.display()).into());
+            }
+        }
+        let dev = |which| if which == 0 { &thin } else { &plain };
+        let offset = GIB;
         for which in order(round) {
-            record(
-                "seq write",
-                which,
-                seq_write(dev_of(which, &thin, &plain), offset)?,
-            );
+            record("seq write", which, seq_write(dev(which), offset)?);
+        }
+        for which in order(round) {
+            record("seq read", which, seq_read(dev(which), offset)?);
         }
         for which in order(round) {
             record(
-                "seq read",
+                "rand write",
                 which,
-                seq_read(dev_of(which, &thin, &plain), offset)?,
+                random_write(dev(which), offset, round)?,
             );
-        }
-        for which in order(round) {
-            let iops = random_write(dev_of(which, &thin, &plain), offset, round)?;
-            record("rand write", which, iops);
         }
         // Share the region with a snapshot, so the next random writes copy on write.
-        let snap = format!("io-snap-{round}");
-        snapshot(pool, &snap, Some("io"))?;
+        let snap = format!("io-{round}-snap");
+        snapshot(pool, &snap, Some(&io))?;
         for which in order(round) {
-            let iops = random_write(dev_of(which, &thin, &plain), offset, round + 100)?;
+            let iops = random_write(dev(which), offset, round + 100)?;
             record("rand write cow", which, iops);
         }
         pool.remove(&name(&snap), RemoveOptions::default())?;
+        pool.deactivate(&name(&io))?;
+        pool.remove(&name(&io), RemoveOptions::default())?;
+        loopback::detach(&plain)?;
+        cleanup.loops.retain(|l| *l != plain);
+        fs::remove_file(&plain_file)?;
         eprintln!("I/O round {} done", round + 1);
     }
     let med = |test: &str, which: usize| median(&results[test][which]);
@@ -265,11 +270,11 @@ fn run(dir: &Path, root: &Path, cleanup: &mut Cleanup) -> Res<()> {
 
 /// Which target goes first alternates by round, so neither always runs on a warmer host.
 fn order(round: u64) -> [usize; 2] {
-    if round % 2 == 0 { [0, 1] } else { [1, 0] }
-}
-
-fn dev_of<'a>(which: usize, thin: &'a Path, plain: &'a Path) -> &'a Path {
-    if which == 0 { thin } else { plain }
+    if round.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
 }
 
 /// Clones `src` to `dst` with FICLONE, fsyncs it and attaches a loop device to it.
@@ -285,7 +290,42 @@ fn raw_clone_and_attach(src: &Path, dst: &Path) -> Res<PathBuf> {
         return Err(std::io::Error::last_os_error().into());
     }
     d.sync_all()?;
-    Ok(loopback::attach(dst)?)
+    attach_like_the_backend(&d)
+}
+
+/// Attaches `file` as the reflink backend attaches device files: one `LOOP_CONFIGURE` with
+/// 4 KiB sectors and direct I/O.
+fn attach_like_the_backend(file: &File) -> Res<PathBuf> {
+    #[repr(C)]
+    struct LoopConfig {
+        fd: u32,
+        block_size: u32,
+        info: [u8; 232], // struct loop_info64; lo_flags is the u32 at byte 52
+        reserved: [u64; 8],
+    }
+    const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+    const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+    const LO_FLAGS_DIRECT_IO: u32 = 16;
+    let mut config = LoopConfig {
+        fd: file.as_raw_fd() as u32,
+        block_size: 4096,
+        info: [0; 232],
+        reserved: [0; 8],
+    };
+    config.info[52..56].copy_from_slice(&LO_FLAGS_DIRECT_IO.to_ne_bytes());
+    let ctl = File::open("/dev/loop-control")?;
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+    let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let dev = PathBuf::from(format!("/dev/loop{n}"));
+    let lo = OpenOptions::new().read(true).write(true).open(&dev)?;
+    // SAFETY: the kernel reads `config`, which outlives the call.
+    if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &config) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(dev)
 }
 
 fn write_payload(path: &Path, len: u64) -> Res<()> {
@@ -337,7 +377,7 @@ fn seq_read(dev: &Path, offset: u64) -> Res<f64> {
 fn random_write(dev: &Path, offset: u64, seed: u64) -> Res<f64> {
     let f = open_direct(dev, true)?;
     let mut buf = AlignedBuf::new(4096);
-    let mut rng = Rng(0xdead_beef ^ (seed + 1) * 0x9E37_79B9);
+    let mut rng = Rng(0xdead_beef ^ ((seed + 1) * 0x9E37_79B9));
     rng.fill(buf.as_mut());
     let blocks = SEQ_BYTES / 4096;
     let t = Instant::now();
@@ -490,8 +530,9 @@ fn print_report(dir: &Path, rows: &[Row]) {
     }
     println!();
     println!(
-        "Latency baseline: bare FICLONE + fsync + loop attach of the same 10 GiB file (no \
-         records, no transaction counter). I/O baseline: a direct-I/O loop device over a \
+        "Latency baseline: bare FICLONE + fsync + LOOP_CONFIGURE (4 KiB sectors, direct \
+         I/O) of the same 10 GiB file, i.e. the kernel work alone, with no records, no \
+         transaction counter, no durable directory entry. I/O baseline: a direct-I/O loop device over a \
          sparse file on the host filesystem. I/O is queue depth 1, {ROUNDS} rounds \
          alternating targets, medians; sequential runs move {} GiB, random runs do {RANDOM_OPS} \
          writes in a 1 GiB region, each ending with fsync.",

@@ -17,7 +17,7 @@
 //! A snapshot is a whole-file `FICLONE` of its origin's file: copy-on-write, and its cost
 //! depends on the origin's extent count, not on the data size.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -72,6 +72,11 @@ pub struct ReflinkBackend {
     device_block_size: u32,
     /// The last transaction id made durable. The lock is held only for a counter bump.
     txn: parking_lot::Mutex<u64>,
+    /// Loop devices attached to device files, by id. Finding them in sysfs costs a read per
+    /// loop device on the host (milliseconds with hundreds of containers), so we scan once
+    /// at open and then keep this map: only this process attaches our device files, since
+    /// the engine holds the pool's lock. Each use checks its entry against sysfs.
+    loops: parking_lot::Mutex<HashMap<ThinId, PathBuf>>,
 }
 
 impl ReflinkBackend {
@@ -183,6 +188,7 @@ impl ReflinkBackend {
             )));
         }
         let txn = read_counter(&mnt)?;
+        let loops = device_loops(&devices)?.into_iter().collect();
         let st =
             nix::sys::statvfs::statvfs(&mnt).map_err(|e| Error::io("statfs", &mnt, e.into()))?;
         Ok(ReflinkBackend {
@@ -195,6 +201,7 @@ impl ReflinkBackend {
             log_size: log_size(settings.metadata_size),
             block_size: settings.block_size,
             txn: parking_lot::Mutex::new(txn),
+            loops: parking_lot::Mutex::new(loops),
         })
     }
 
@@ -240,13 +247,18 @@ impl ReflinkBackend {
         self.devices.join(id.to_string())
     }
 
-    /// The loop device attached to `id`'s file, if any.
-    fn attached(&self, id: ThinId) -> Result<Option<PathBuf>> {
-        let file = self.device_file(id);
-        if !file.exists() {
-            return Ok(None);
+    /// The loop device attached to `id`'s file, if any, from [`Self::loops`], checked
+    /// against the kernel: an entry whose loop device no longer has this backing file
+    /// (detached behind our back) is dropped.
+    fn attached(&self, id: ThinId) -> Option<PathBuf> {
+        let mut loops = self.loops.lock();
+        let dev = loops.get(&id)?.clone();
+        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) {
+            Some(dev)
+        } else {
+            loops.remove(&id);
+            None
         }
-        loopback::find(&file)
     }
 
     /// Makes the creation or removal of a device file durable: the directory entry.
@@ -364,7 +376,7 @@ impl Backend for ReflinkBackend {
                 Bytes(origin_len)
             )));
         }
-        if let Some(dev) = loopback::find(&origin_file)? {
+        if let Some(dev) = self.attached(origin) {
             File::open(&dev)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| io_error("flush active origin", &dev, e))?;
@@ -396,7 +408,7 @@ impl Backend for ReflinkBackend {
     /// absent id succeeds (and still bumps the counter). Precondition: not active; an
     /// attached file fails with `FailedPrecondition`, as its blocks would stay allocated.
     fn delete(&self, id: ThinId) -> Result<u64> {
-        if let Some(dev) = self.attached(id)? {
+        if let Some(dev) = self.attached(id) {
             return Err(Error::FailedPrecondition(format!(
                 "thin id {id} is active on {}; deactivate it first",
                 dev.display()
@@ -417,30 +429,43 @@ impl Backend for ReflinkBackend {
     /// so filesystems made on the base device use at least that. `size` is not used: the
     /// file has the device's size.
     fn activate(&self, id: ThinId, _size: Bytes, read_only: bool) -> Result<PathBuf> {
+        if let Some(dev) = self.attached(id) {
+            return Ok(dev);
+        }
         let file = self.device_file(id);
         if !file.exists() {
             return Err(Error::NotFound(format!("thin id {id} has no file")));
         }
-        attach_device_file(&file, read_only, self.device_block_size)
+        let dev = attach_device_file(&file, read_only, self.device_block_size)?;
+        self.loops.lock().insert(id, dev.clone());
+        Ok(dev)
     }
 
     /// Detaches the device's loop device. Fails with `FailedPrecondition` while it is
     /// mounted or open, leaving it attached (the kernel would otherwise defer the detach to
     /// the last close). An inactive or absent device succeeds.
     fn deactivate(&self, id: ThinId) -> Result<()> {
-        match self.attached(id)? {
-            Some(dev) => detach_unused(&dev).map_err(|e| match e {
-                Error::FailedPrecondition(why) => {
-                    Error::FailedPrecondition(format!("thin id {id}: {why}"))
-                }
-                e => e,
-            }),
-            None => Ok(()),
-        }
+        let Some(dev) = self.attached(id) else {
+            return Ok(());
+        };
+        detach_unused(&dev).map_err(|e| match e {
+            Error::FailedPrecondition(why) => {
+                Error::FailedPrecondition(format!("thin id {id}: {why}"))
+            }
+            e => e,
+        })?;
+        self.loops.lock().remove(&id);
+        Ok(())
     }
 
+    /// Scans the kernel's loop devices (not our map), so reconcile sees what is really
+    /// attached; what it finds is added to the map.
     fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> {
-        Ok(device_loops(&self.devices)?.into_iter().collect())
+        let found: BTreeMap<ThinId, PathBuf> = device_loops(&self.devices)?.into_iter().collect();
+        self.loops
+            .lock()
+            .extend(found.iter().map(|(id, dev)| (*id, dev.clone())));
+        Ok(found)
     }
 
     /// Bytes of the device's file in extents that FIEMAP does not flag as shared, at the
@@ -480,9 +505,14 @@ impl Backend for ReflinkBackend {
     fn teardown(&self) -> Result<()> {
         let mut first_err = None;
         for (id, dev) in device_loops(&self.devices)? {
-            if let Err(e) = detach_unused(&dev) {
-                warn!(id = %id, error = %e, "cannot deactivate a device on teardown");
-                first_err.get_or_insert(e);
+            match detach_unused(&dev) {
+                Ok(()) => {
+                    self.loops.lock().remove(&id);
+                }
+                Err(e) => {
+                    warn!(id = %id, error = %e, "cannot deactivate a device on teardown");
+                    first_err.get_or_insert(e);
+                }
             }
         }
         if let Some(e) = first_err {
@@ -584,12 +614,15 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 /// Mounts the pool's XFS at `mnt` with its external log, then makes the mount private so it
 /// does not propagate into other mount namespaces.
 ///
-/// Options: `discard` so blocks XFS frees (deleted devices) are punched out of the data
-/// file and go back to the host; noatime and no devices, setuid or exec, as the XFS holds
-/// only device images.
+/// Options: noatime and no devices, setuid or exec, as the XFS holds only device images.
+/// No online `discard`: blocks XFS frees (deleted devices) stay allocated in the data file
+/// and XFS reuses them, as dm-thin reuses its freed blocks. With `discard`, every free
+/// punched a hole in the host file that the next write had to allocate again, which cut
+/// sequential writes to new space to a third (see reflinkbench); a periodic `fstrim` of
+/// the mount gives free space back to the host instead.
 fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
     fs::create_dir_all(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
-    let opts = format!("logdev={},discard", meta_dev.display());
+    let opts = format!("logdev={}", meta_dev.display());
     let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(Some(data_dev), mnt, Some("xfs"), flags, Some(opts.as_str()))
         .map_err(|e| Error::io("mount pool XFS", data_dev, e.into()))?;
@@ -652,6 +685,16 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The backing file of a loop device, from sysfs; `None` if it has none. A file unlinked
+/// while attached shows as "<path> (deleted)"; that suffix is removed.
+fn backing_file(dev: &Path) -> Option<PathBuf> {
+    let text = fs::read_to_string(sysfs_loop_attr(dev, "backing_file")).ok()?;
+    let text = text.trim_end_matches('\n');
+    Some(PathBuf::from(
+        text.strip_suffix(" (deleted)").unwrap_or(text),
+    ))
+}
+
 /// Loop devices whose backing file is a device file in `devices` (canonical), by id.
 fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
     let entries = match fs::read_dir("/sys/block") {
@@ -665,12 +708,10 @@ fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
         if !name.starts_with("loop") {
             continue;
         }
-        let Ok(backing) = fs::read_to_string(entry.path().join("loop/backing_file")) else {
+        let dev = PathBuf::from("/dev").join(name);
+        let Some(backing) = backing_file(&dev) else {
             continue;
         };
-        // A file unlinked while attached shows as "<path> (deleted)"; it is still ours.
-        let backing = backing.trim_end_matches('\n');
-        let backing = Path::new(backing.strip_suffix(" (deleted)").unwrap_or(backing));
         if backing.parent() != Some(devices) {
             continue;
         }
@@ -679,13 +720,13 @@ fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
             .and_then(|n| n.to_str())
             .and_then(parse_id)
         {
-            found.push((id, PathBuf::from("/dev").join(name)));
+            found.push((id, dev));
         }
     }
     Ok(found)
 }
 
-/// Attaches a device file to a free loop device, or returns the one it is attached to.
+/// Attaches a device file to a free loop device. Precondition: it is not attached.
 ///
 /// One `LOOP_CONFIGURE` sets the backing file, the logical block size and direct I/O
 /// together, so the device is never visible without them. The block size is the XFS block
@@ -693,9 +734,6 @@ fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
 /// with smaller sectors silently falls back to buffered I/O (cached twice). With
 /// `read_only`, both the file and the device are read-only.
 fn attach_device_file(file: &Path, read_only: bool, block_size: u32) -> Result<PathBuf> {
-    if let Some(dev) = loopback::find(file)? {
-        return Ok(dev);
-    }
     let backing = OpenOptions::new()
         .read(true)
         .write(!read_only)
