@@ -11,8 +11,8 @@
 //!   thin device, the device's size) and `transaction_id` (the durable counter).
 //!
 //! A thin device is active when a loop device (direct I/O, read-only when asked) is attached
-//! to its file; the kernel's loop list is the only record of that, so a daemon restart finds
-//! active devices again and a host reboot loses them, as with dm.
+//! to its file; the kernel's loop list is the record of that (the backend caches it), so a
+//! daemon restart finds active devices again and a host reboot loses them, as with dm.
 //!
 //! A snapshot is a whole-file `FICLONE` of its origin's file: copy-on-write, and its cost
 //! depends on the origin's extent count, not on the data size.
@@ -310,9 +310,11 @@ impl Backend for ReflinkBackend {
     /// - `metadata_used`/`metadata_total`: the live part of the XFS log and its size (the
     ///   metadata file holds the log). A full log throttles metadata updates until XFS
     ///   checkpoints; unlike dm-thin's metadata it cannot run out.
-    /// - `mode`: `OutOfDataSpace` when free space is below 1% of the pool (at most 64 MiB),
-    ///   else `Rw`; `needs_check` is always false: XFS repairs its log itself at mount, and
-    ///   a shut-down XFS makes this call fail instead.
+    /// - `mode`: `Fail` with `needs_check` when the XFS has shut down (after an I/O or
+    ///   corruption error it still answers statfs but fails every open with EIO; it needs an
+    ///   unmount, a log replay at the next mount, and possibly `xfs_repair`). Otherwise
+    ///   `OutOfDataSpace` when free space is below 1% of the pool (at most 64 MiB), else
+    ///   `Rw`, and `needs_check` false: XFS replays its log itself at mount.
     /// - `error_if_no_space`: always true, writes to a full XFS fail at once with ENOSPC.
     fn status(&self) -> Result<BackendStatus> {
         let st = nix::sys::statvfs::statvfs(&self.mnt)
@@ -324,18 +326,22 @@ impl Backend for ReflinkBackend {
         let margin = (total / 100).min(FULL_MARGIN_CAP.0);
         let bs = self.block_size;
         let transaction_id = *self.txn.lock();
+        let shut_down = matches!(File::open(self.mnt.join(COUNTER_FILE)),
+            Err(e) if e.raw_os_error() == Some(libc::EIO));
         Ok(BackendStatus {
             transaction_id,
             data_used: Bytes(total - free),
             data_total: Bytes(total),
             metadata_used: self.log_in_use().unwrap_or_default(),
             metadata_total: self.log_size,
-            mode: if available < margin {
+            mode: if shut_down {
+                PoolMode::Fail
+            } else if available < margin {
                 PoolMode::OutOfDataSpace
             } else {
                 PoolMode::Rw
             },
-            needs_check: false,
+            needs_check: shut_down,
             error_if_no_space: true,
             low_water_mark: PoolSettings::low_water_mark(DataBlocks(total / bs.0)).bytes(bs),
         })
