@@ -37,9 +37,11 @@ use crate::loopback;
 use crate::model::{BackendKind, BackendStatus, PoolMode, PoolSettings};
 use crate::units::{Bytes, DataBlocks};
 
-/// The largest log mkfs.xfs accepts (`XFS_MAX_LOG_BYTES`: 2 GiB less 10 MiB). A larger
-/// metadata file is used up to this size.
-const MAX_LOG: Bytes = Bytes::mib(2038);
+/// The log we use at most. mkfs.xfs writes the whole log, so its size is real disk use;
+/// 128 MiB is more than mkfs.xfs gives a 100 GiB filesystem's internal log (about 50 MiB),
+/// and far below XFS's own limit (2038 MiB). The rest of a larger metadata file stays
+/// sparse and unused.
+const MAX_LOG: Bytes = Bytes::mib(128);
 /// The smallest log mkfs.xfs (6.x) accepts for a filesystem above 300 MB.
 const MIN_LOG: Bytes = Bytes::mib(64);
 /// mkfs.xfs refuses smaller data devices ("Filesystem must be larger than 300MB").
