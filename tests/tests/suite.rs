@@ -240,6 +240,14 @@ fn conflicting_settings_are_named() {
     other.fs = Some(thinpool::FsType::Xfs);
     let err = Pool::open(&other).err().expect("conflicting fs");
     assert!(err.to_string().contains("fs"), "{err}");
+    // A pool records its backend; opening it with the other one is refused by name.
+    let mut other = spec.clone();
+    other.backend = Some(match backend() {
+        thinpool::BackendKind::Dm => thinpool::BackendKind::Reflink,
+        thinpool::BackendKind::Reflink => thinpool::BackendKind::Dm,
+    });
+    let err = Pool::open(&other).err().expect("conflicting backend");
+    assert!(err.to_string().contains("backend"), "{err}");
     tp.reopen(&spec);
     tp.assert_audit_clean();
 }
@@ -825,4 +833,14 @@ fn busy_devices_survive_remove_deactivate_and_restart() {
     tp.unmount(&dir);
     assert_eq!(tp.pool().reclaim().unwrap(), 1);
     tp.assert_audit_clean();
+}
+
+/// `--backend auto`: dm where dm-thin works (the VM), reflink where it does not (the host),
+/// with a reason to log.
+#[test]
+fn auto_backend_picks_what_the_host_supports() {
+    let (kind, why) = thinpool::backend::detect();
+    println!("auto picked {kind}: {why}");
+    assert_eq!(kind, backend(), "{why}");
+    assert!(!why.is_empty());
 }
