@@ -66,13 +66,18 @@ pub fn seq_write(dev: &Path, total: u64) -> f64 {
 
 /// MiB/s of sequential 1 MiB reads over the first `total` bytes.
 pub fn seq_read(dev: &Path, total: u64) -> f64 {
+    seq_read_chunked(dev, total, 1 << 20)
+}
+
+/// MiB/s of sequential reads of `chunk` bytes each over the first `total` bytes.
+pub fn seq_read_chunked(dev: &Path, total: u64, chunk: usize) -> f64 {
     let f = open_direct(dev);
-    let mut buf = AlignedBuf::new(1 << 20, 0);
+    let mut buf = AlignedBuf::new(chunk, 0);
     let t = Instant::now();
     let mut off = 0;
     while off < total {
         f.read_exact_at(buf.bytes_mut(), off).expect("read");
-        off += 1 << 20;
+        off += chunk as u64;
     }
     total as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64()
 }

@@ -48,6 +48,7 @@ fatal() {
 # Kernel parameter "thinpool.KEY=VALUE" from /proc/cmdline (the kernel ignores unknown dotted
 # parameters, they reach only us).
 cmdline_param() {
+    # shellcheck disable=SC2013  # words, not lines
     for word in $(cat /proc/cmdline); do
         case "$word" in "thinpool.$1="*) echo "${word#*=}"; return ;; esac
     done
@@ -70,7 +71,9 @@ load_modules() {
     # Required modules: failing to load one of them is fatal. modprobe pulls dependencies
     # (dm-persistent-data, dm-bio-prison, dm-bufio, libcrc32c, virtio, virtio_ring, ...)
     # from modules.dep. xfs takes 0.6 s to load under TCG, so it loads on the second vCPU
-    # while the rest happens; wait_modules waits for it before the tests start.
+    # while the rest happens; main waits for it before the tests start.
+    # Keep these lists in step with REQUIRED_MODULES/OPTIONAL_MODULES in tests/vm/run (only
+    # modules listed there are in the initramfs).
     modprobe xfs &
     XFS_PID=$!
     for m in loop dm-mod dm-thin-pool virtio_pci virtio_blk; do
@@ -103,6 +106,7 @@ setup_env() {
     export TMPDIR=/mnt/disk/tmp
     if [ -f /thinpool-vm/env ]; then
         while IFS= read -r kv || [ -n "$kv" ]; do
+            # shellcheck disable=SC2163  # exports the KEY=VALUE that $kv holds
             [ -n "$kv" ] && export "$kv"
         done < /thinpool-vm/env
     fi

@@ -240,7 +240,14 @@ impl Pool {
                 }
                 DeviceState::Deleting => {
                     info!(id = %rec.id, "finishing an unfinished delete");
-                    self.finish_delete(rec.id, false)?;
+                    match self.finish_delete(rec.id, false) {
+                        Ok(()) => {}
+                        // Still mounted by someone: leave it recorded; reclaim retries later.
+                        Err(Error::FailedPrecondition(why)) => {
+                            warn!(id = %rec.id, %why, "cannot finish a delete yet")
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 DeviceState::Ready => {}
             }
@@ -255,7 +262,24 @@ impl Pool {
         let live = self.backend.active_devices()?;
         for id in live.keys().filter(|id| !wanted.contains_key(id)) {
             info!(id = %id, "deactivating a device no record wants active");
-            self.backend.deactivate(*id)?;
+            match self.backend.deactivate(*id) {
+                Ok(()) => {}
+                // In use: someone mounted it, so it is wanted after all. Record that, rather
+                // than fail the whole open while a container runs on it.
+                Err(Error::FailedPrecondition(why)) => {
+                    warn!(id = %id, %why, "device is in use; keeping it active");
+                    self.store.write(|w| {
+                        if let Some(mut cur) = w.device(*id)?
+                            && cur.state == DeviceState::Ready
+                        {
+                            cur.active = true;
+                            w.put_device(&cur)?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         for rec in wanted.values() {
             self.backend
@@ -577,19 +601,24 @@ impl Pool {
     /// Deactivates a device. Fails with `FailedPrecondition` while it is mounted or open.
     pub fn deactivate(&self, name: &DeviceName) -> Result<()> {
         let rec = self.device(name)?;
+        let _guard = self.locks.lock(rec.id);
+        // Kernel first: a busy (mounted) device must keep its record saying "active". A crash
+        // after this leaves a record reconcile re-activates, and the caller never got an Ok.
+        self.backend.deactivate(rec.id)?;
         self.store.write(|w| {
             if let Some(mut cur) = w.device(rec.id)? {
                 cur.active = false;
                 w.put_device(&cur)?;
             }
             Ok(())
-        })?;
-        let _guard = self.locks.lock(rec.id);
-        self.backend.deactivate(rec.id)
+        })
     }
 
     /// Removes a device. Fails with `FailedPrecondition` if it has children.
     pub fn remove(&self, name: &DeviceName, opts: RemoveOptions) -> Result<()> {
+        if !opts.deferred {
+            self.deactivate_for_remove(name)?;
+        }
         let id = self.store.write(|w| {
             let mut rec = w
                 .device_by_name(name)?
@@ -621,8 +650,19 @@ impl Pool {
         self.finish_delete(id, opts.discard)
     }
 
+    /// Refuses (with `FailedPrecondition`, changing nothing) to remove a device that is
+    /// mounted: deactivating first means a busy device never gets a delete intent.
+    fn deactivate_for_remove(&self, name: &DeviceName) -> Result<()> {
+        let Ok(rec) = self.device(name) else {
+            return Ok(()); // remove() reports NotFound and the rest itself
+        };
+        let _guard = self.locks.lock(rec.id);
+        self.backend.deactivate(rec.id)
+    }
+
     /// Finishes every recorded delete (those left by deferred removes or failures) and
-    /// returns how many devices were freed.
+    /// returns how many devices were freed. A device still in use is skipped (and retried by
+    /// the next reclaim); any other failure is returned after the rest were tried.
     pub fn reclaim(&self) -> Result<usize> {
         let pending: Vec<ThinId> = self
             .store
@@ -631,10 +671,24 @@ impl Pool {
             .filter(|r| r.state == DeviceState::Deleting)
             .map(|r| r.id)
             .collect();
-        for id in &pending {
-            self.finish_delete(*id, false)?;
+        let mut freed = 0;
+        let mut first_err = None;
+        for id in pending {
+            match self.finish_delete(id, false) {
+                Ok(()) => freed += 1,
+                Err(Error::FailedPrecondition(why)) => {
+                    warn!(id = %id, %why, "device to delete is in use; will retry")
+                }
+                Err(e) => {
+                    warn!(id = %id, error = %e, "reclaim failed");
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        Ok(pending.len())
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(freed),
+        }
     }
 
     /// Bytes the device has mapped in the pool.

@@ -97,33 +97,56 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
     Ok(uuid.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Grows the filesystem on `dev` to fill the device. The device must not be mounted
-/// elsewhere; we mount it privately under `scratch` because xfs grows only when mounted.
+/// Grows the filesystem on `dev` to fill the device. Precondition: nobody else has it
+/// mounted (it is a snapshot we just made).
+///
+/// ext4 is grown offline (`e2fsck -f -p`, then `resize2fs`): online growth needs
+/// CAP_SYS_RESOURCE, which containerised daemons often lack. xfs grows only when mounted, so
+/// it is mounted privately under `scratch` for `xfs_growfs`.
 pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
-    let opts = if fs == FsType::Xfs {
-        Some("nouuid")
-    } else {
-        None
-    };
-    mount(
-        Some(dev),
-        scratch,
-        Some(fs.to_string().as_str()),
-        MsFlags::empty(),
-        opts,
-    )
-    .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
-    let result = match fs {
-        FsType::Ext4 => run("resize2fs", &[dev.as_os_str()]),
-        FsType::Xfs => run("xfs_growfs", &[scratch.as_os_str()]),
-    };
-    let unmounted = umount2(scratch, MntFlags::empty())
-        .map_err(|e| Error::io("unmount after resize", scratch, e.into()));
-    let _ = std::fs::remove_dir(scratch);
-    result?;
-    unmounted
+    match fs {
+        FsType::Ext4 => {
+            check_ext4(dev)?;
+            run("resize2fs", &[dev.as_os_str()]).map(drop)
+        }
+        FsType::Xfs => {
+            use nix::mount::{MntFlags, MsFlags, mount, umount2};
+            std::fs::create_dir_all(scratch)
+                .map_err(|e| Error::io("create mount point", scratch, e))?;
+            mount(
+                Some(dev),
+                scratch,
+                Some("xfs"),
+                MsFlags::empty(),
+                Some("nouuid"),
+            )
+            .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
+            let result = run("xfs_growfs", &[scratch.as_os_str()]);
+            let unmounted = umount2(scratch, MntFlags::empty())
+                .map_err(|e| Error::io("unmount after resize", scratch, e.into()));
+            let _ = std::fs::remove_dir(scratch);
+            result?;
+            unmounted
+        }
+    }
+}
+
+/// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)
+/// and 1 (fixed, e.g. an orphan list from an unclean unmount) are both fine to resize.
+fn check_ext4(dev: &Path) -> Result<()> {
+    let exe = find_tool("e2fsck")?;
+    let out = Command::new(&exe)
+        .args(["-f".as_ref(), "-p".as_ref(), dev.as_os_str()])
+        .output()
+        .map_err(|e| Error::io("run", &exe, e))?;
+    match out.status.code() {
+        Some(0 | 1) => Ok(()),
+        _ => Err(Error::Command {
+            program: "e2fsck".into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+    }
 }
 
 /// Mounts a device as a [`MountSpec`] says. Flag-like options (`ro`, `nosuid`, ...) become
