@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod grpc;
 pub mod iobench;
 
 use sha2::{Digest, Sha256};

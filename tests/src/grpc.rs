@@ -1,0 +1,318 @@
+//! Fixtures for the gRPC tests: thinpoold's services in-process on a temp socket over a
+//! small pool, and the real `thinpoold`/`thinctl` binaries as child processes.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use thinpool::AsyncPool;
+use thinpool_client::Client;
+use thinpool_server::{Service, StaticInfo};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{pool_dir, small_spec};
+
+/// thinpoold's services over a fresh small pool, served in-process on `<root>/thinpool.sock`.
+/// Dropping it (also on a failed test) unmounts what the test mounted, stops the server and
+/// tears the pool down.
+pub struct Harness {
+    pub rt: Runtime,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub pool: Option<AsyncPool>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    mounts: Mutex<Vec<PathBuf>>,
+}
+
+impl Harness {
+    pub fn start(test: &str) -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let root = pool_dir(test, false);
+        let socket = root.join("thinpool.sock");
+        let spec = small_spec(&root);
+        // Pool creation concurrent with another pool's creation in the same process has been
+        // seen to fail now and then with "device ... is in use (open by another process)"
+        // when the base device is detached after mkfs; create one pool at a time.
+        static CREATE: Mutex<()> = Mutex::new(());
+        let _one_at_a_time = CREATE.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = rt
+            .block_on(AsyncPool::open(spec))
+            .unwrap_or_else(|e| panic!("open pool: {e}"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let service = Service::new(pool.clone(), StaticInfo::default());
+        let sock = socket.clone();
+        let server = rt.block_on(async move {
+            let listener = thinpool_server::bind_socket(&sock, None).expect("bind socket");
+            tokio::spawn(async move {
+                thinpool_server::serve(service, listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+            })
+        });
+        Harness {
+            rt,
+            root,
+            socket,
+            pool: Some(pool),
+            stop: Some(stop),
+            server: Some(server),
+            mounts: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &AsyncPool {
+        self.pool.as_ref().expect("pool open")
+    }
+
+    /// Runs an async test body with a connected client.
+    pub fn run<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        self.rt.block_on(async {
+            let c = Client::connect(&self.socket).await.expect("connect");
+            f(c).await
+        })
+    }
+
+    /// Mounts a Mount the server returned at `<root>/mnt-<tag>` (unmounted on drop).
+    pub fn mount(&self, m: &thinpool_client::Mount, tag: &str) -> PathBuf {
+        let dir = self.root.join(format!("mnt-{tag}"));
+        std::fs::create_dir_all(&dir).expect("mount point");
+        thinpool::fsutil::mount(&mount_spec(m), &dir)
+            .unwrap_or_else(|e| panic!("mount {}: {e}", m.source));
+        self.mounts.lock().unwrap().push(dir.clone());
+        dir
+    }
+
+    pub fn unmount(&self, dir: &Path) {
+        thinpool::fsutil::unmount(dir).expect("unmount");
+        self.mounts.lock().unwrap().retain(|m| m != dir);
+    }
+}
+
+/// The engine's MountSpec for a containerd Mount.
+pub fn mount_spec(m: &thinpool_client::Mount) -> thinpool::MountSpec {
+    thinpool::MountSpec {
+        source: PathBuf::from(&m.source),
+        fs_type: m.r#type.parse().expect("fs type"),
+        options: m.options.clone(),
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for m in self.mounts.lock().unwrap().drain(..).rev() {
+            let _ = thinpool::fsutil::unmount(&m);
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let server = self.server.take();
+        let pool = self.pool.take();
+        self.rt.block_on(async move {
+            if let Some(s) = server {
+                let _ = tokio::time::timeout(Duration::from_secs(30), s).await;
+            }
+            let Some(pool) = pool else { return };
+            let mut engine = pool.engine().clone();
+            drop(pool);
+            // Connections' tasks may hold the service for a moment after shutdown.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match std::sync::Arc::try_unwrap(engine) {
+                    Ok(p) => {
+                        if let Err(e) = p.close(true) {
+                            eprintln!("teardown: {e}");
+                        }
+                        return;
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        engine = e;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(_) => {
+                        eprintln!("teardown: the pool is still shared; leaving it");
+                        return;
+                    }
+                }
+            }
+        });
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A binary of this workspace (`thinpoold`, `thinctl`), next to the test executable
+/// (target/<profile>/). `cargo test --workspace` does not build other packages' binaries:
+/// build them first (`cargo build -p thinpool-server -p thinpool-client`; tests/run does).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build it first with `cargo build -p thinpool-server -p thinpool-client` \
+         (same profile as the tests)",
+        p.display()
+    );
+    p
+}
+
+/// A `thinpoold` child process on its own root and socket. Killed (SIGKILL) and its pool
+/// torn down on drop unless stopped.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts thinpoold with the small-pool sizes and `extra` flags; waits for the socket.
+    pub fn start(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn(root, socket, extra);
+        d.wait_ready();
+        d
+    }
+
+    pub fn spawn(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        let log = root.with_extension(format!(
+            "thinpoold-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("thinpoold"))
+            .arg("--root")
+            .arg(root)
+            .arg("--socket")
+            .arg(socket)
+            .args(["--backend", &crate::backend().to_string()])
+            .args(["--data-size", "4G", "--metadata-size", "64M"])
+            .args(["--base-size", "256M"])
+            .arg("--imagefs-dir")
+            .arg(root.join("imagefs"))
+            .args(extra)
+            .env("RUST_LOG", "info,thinpool_server=debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn thinpoold");
+        Daemon {
+            child: Some(child),
+            root: root.to_path_buf(),
+            socket: socket.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon answers PoolStatus; panics with its log if it exits first.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "thinpoold exited ({st}) before serving:\n{}",
+                    self.log_text()
+                );
+            }
+            let ok = rt.block_on(async {
+                match Client::connect(&self.socket).await {
+                    Ok(mut c) => c.pool_status().await.is_ok(),
+                    Err(_) => false,
+                }
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "thinpoold did not serve within 120 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("thinpoold ignored SIGTERM for 60 s:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs thinctl against this daemon; returns (success, stdout, stderr).
+    pub fn thinctl(&self, args: &[&str]) -> (bool, String, String) {
+        thinctl(&self.socket, args)
+    }
+}
+
+/// Runs thinctl with `--socket`; returns (success, stdout, stderr).
+pub fn thinctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("thinctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run thinctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Tear down whatever the daemon left active (devices stay active across a stop by
+        // design), as a reboot would.
+        if self.root.join("pool.redb").exists()
+            && let Ok(p) = thinpool::Pool::open(&thinpool::PoolSpec {
+                root: self.root.clone(),
+                ..Default::default()
+            })
+        {
+            let _ = p.close(true);
+        }
+    }
+}
