@@ -50,15 +50,16 @@ impl Harness {
         let (stop, stopped) = oneshot::channel::<()>();
         let service = Service::new(pool.clone(), StaticInfo::default());
         let sock = socket.clone();
-        let server = rt.block_on(async move {
-            let listener = thinpool_server::bind_socket(&sock, None).expect("bind socket");
-            tokio::spawn(async move {
-                thinpool_server::serve(service, listener, async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("serve");
+        let listener = {
+            let _entered = rt.enter();
+            thinpool_server::bind_socket(&sock, None).expect("bind socket")
+        };
+        let server = rt.spawn(async move {
+            thinpool_server::serve(service, listener, async {
+                let _ = stopped.await;
             })
+            .await
+            .expect("serve");
         });
         Harness {
             rt,
