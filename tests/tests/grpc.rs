@@ -283,7 +283,7 @@ fn stat_and_update() {
         let i = c.stat("s").await.unwrap();
         assert_eq!(i.name, "s");
         assert_eq!(i.labels, labels(&[("a", "1"), ("b", "2")]));
-        let created = i.created_at.clone().expect("created_at");
+        let created = i.created_at.expect("created_at");
         assert!(created.seconds > 1_600_000_000);
         assert!(i.updated_at.is_some());
 
