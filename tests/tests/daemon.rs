@@ -1,0 +1,233 @@
+//! The real thinpoold and thinctl binaries: socket ownership and mode, stale and live
+//! sockets, a second daemon on the same root, config file, graceful SIGTERM, restart, and
+//! every thinctl command (human and --json output, errors on stderr with a non-zero exit).
+//!
+//! Needs `target/<profile>/thinpoold` and `thinctl`: `cargo build -p thinpool-server -p
+//! thinpool-client` (tests/run builds them).
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
+use thinpool_tests::grpc::{Daemon, thinctl};
+use thinpool_tests::{pool_dir, read_file, write_file};
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn daemon_socket_restart_and_thinctl() {
+    let dir = pool_dir("daemon", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+
+    // A stale socket (nobody listening) is replaced.
+    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut d = Daemon::start(&root, &socket, &["--socket-group", "daemon"]);
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660, "socket mode");
+    assert_eq!(meta.uid(), 0, "owned by root");
+    let daemon_gid = nix::unistd::Group::from_name("daemon")
+        .unwrap()
+        .expect("group daemon")
+        .gid
+        .as_raw();
+    assert_eq!(meta.gid(), daemon_gid, "--socket-group");
+    assert!(root.join("imagefs").is_dir(), "the image-fs dir is created");
+
+    // A second daemon on the same root is refused, clearly, and leaves the first alone.
+    let other_sock = dir.join("other.sock");
+    let mut second = Daemon::spawn(&root, &other_sock, &[]);
+    let st = second.child.as_mut().unwrap().wait().unwrap();
+    second.child = None;
+    assert!(!st.success());
+    let log = second.log_text();
+    assert!(log.contains("another thinpoold running"), "{log}");
+    // ... and so is a second daemon on another root but the same (live) socket.
+    let root2 = dir.join("pool2");
+    let mut third = Daemon::spawn(&root2, &socket, &[]);
+    let st = third.child.as_mut().unwrap().wait().unwrap();
+    third.child = None;
+    assert!(!st.success());
+    assert!(
+        third.log_text().contains("another server is listening"),
+        "{}",
+        third.log_text()
+    );
+    drop(third);
+
+    // thinctl: pool status, human and JSON.
+    let (ok, out, err) = d.thinctl(&["pool", "status"]);
+    assert!(ok, "{err}");
+    for field in [
+        "Backend:",
+        "Pool Name:",
+        "Data Space Used:",
+        "Data Space Total:",
+        "Metadata Space Available:",
+        "Thin Pool Minimum Free Space:",
+        "Udev Sync Supported:",
+        "Deferred Removal Enabled:",
+        "Library Version:",
+        "Base Device Size:              256 MiB",
+        "Data Space Total:              4 GiB",
+    ] {
+        assert!(out.contains(field), "{field:?} missing in:\n{out}");
+    }
+    let (ok, out, _) = d.thinctl(&["pool", "status", "--json"]);
+    assert!(ok);
+    let s = json(&out);
+    for key in [
+        "backend",
+        "data_used_bytes",
+        "data_total_bytes",
+        "metadata_used_bytes",
+        "metadata_total_bytes",
+        "mode",
+        "devices",
+    ] {
+        assert!(s.get(key).is_some(), "{key} missing: {s}");
+    }
+    assert_eq!(s["data_total_bytes"], 4u64 << 30);
+    assert_eq!(s["devices"], 1);
+    assert_eq!(s["mode"], "rw");
+
+    // Snapshots through thinctl.
+    let ok_ = |args: &[&str]| {
+        let (ok, out, err) = d.thinctl(args);
+        assert!(ok, "thinctl {args:?} failed: {err}");
+        assert!(err.is_empty(), "stderr for {args:?}: {err}");
+        out
+    };
+    let out = ok_(&["snapshot", "prepare", "k1"]);
+    assert!(
+        out.starts_with("TYPE") && out.contains("ext4"),
+        "prepare prints the mount: {out}"
+    );
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    ok_(&["mount", "k1", mnt.to_str().unwrap()]);
+    write_file(&mnt.join("hello"), b"from layer 1");
+    write_file(&mnt.join("bulk"), &thinpool_tests::pattern(3, 4 << 20));
+    ok_(&["umount", mnt.to_str().unwrap()]);
+    ok_(&["snapshot", "commit", "layer1", "k1"]);
+    // (Before it has children: on reflink, blocks a child shares are not the layer's own.)
+    let usage = ok_(&["snapshot", "usage", "layer1"]);
+    assert!(
+        usage.starts_with("KEY") && usage.contains("layer1"),
+        "{usage}"
+    );
+    let u = json(&ok_(&["snapshot", "usage", "layer1", "--json"]));
+    assert!(u["size_bytes"].as_i64().unwrap() >= 4 << 20, "{u}");
+    ok_(&["snapshot", "prepare", "c1", "layer1", "--label", "app=x"]);
+    ok_(&["snapshot", "view", "v1", "layer1"]);
+    let out = ok_(&["snapshot", "ls"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[0].starts_with("KEY") && lines[0].contains("PARENT"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["c1", "layer1", "active"]),
+        "{out}"
+    );
+    let ls = json(&ok_(&["snapshot", "ls", "--json"]));
+    let arr = ls.as_array().unwrap();
+    assert_eq!(arr.len(), 3);
+    let c1 = arr.iter().find(|i| i["name"] == "c1").unwrap();
+    assert_eq!(c1["parent"], "layer1");
+    assert_eq!(c1["kind"], "active");
+    assert_eq!(c1["labels"]["app"], "x");
+    let filtered = json(&ok_(&[
+        "snapshot",
+        "ls",
+        "--json",
+        "--filter",
+        "kind==view",
+    ]));
+    assert_eq!(filtered.as_array().unwrap().len(), 1);
+    let tree = ok_(&["snapshot", "tree"]);
+    assert!(
+        tree.starts_with("layer1 [committed]\n") && tree.contains("\\_ c1 [active]"),
+        "{tree}"
+    );
+    let out = ok_(&["snapshot", "mounts", "v1"]);
+    assert!(out.contains("ro"), "{out}");
+    let m = json(&ok_(&["snapshot", "mounts", "v1", "--json"]));
+    assert!(m[0]["source"].as_str().unwrap().starts_with("/dev/"));
+    ok_(&["mount", "v1", mnt.to_str().unwrap()]);
+    assert_eq!(read_file(&mnt.join("hello")), b"from layer 1");
+    ok_(&["umount", mnt.to_str().unwrap()]);
+    let devs = json(&ok_(&["device", "ls", "--json"]));
+    assert_eq!(devs.as_array().unwrap().len(), 4, "base + 3: {devs}");
+    let out = ok_(&["device", "ls"]);
+    assert!(out.starts_with("ID") && out.contains("base"), "{out}");
+    let audit = json(&ok_(&["pool", "audit", "--json"]));
+    assert_eq!(audit["clean"], true);
+
+    // Errors: stderr, non-zero exit.
+    for (args, want) in [
+        (vec!["snapshot", "prepare", "k1x", "nope"], "not found"),
+        (vec!["snapshot", "prepare", "c1"], "already exists"),
+        (vec!["snapshot", "rm", "layer1"], "failed precondition"),
+        (
+            vec!["snapshot", "ls", "--filter", "name~=x"],
+            "invalid argument",
+        ),
+        (vec!["snapshot", "mounts", "layer1"], "failed precondition"),
+    ] {
+        let (ok, out, err) = d.thinctl(&args);
+        assert!(!ok, "{args:?} succeeded: {out}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+    }
+    let (ok, _, err) = thinctl(&dir.join("nobody.sock"), &["pool", "status"]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+
+    ok_(&["snapshot", "rm", "v1"]);
+    ok_(&["snapshot", "cleanup"]);
+
+    // SIGTERM: a clean exit, the socket removed, devices left active.
+    let st = d.stop();
+    assert!(st.success(), "exit {st}:\n{}", d.log_text());
+    assert!(!socket.exists(), "socket removed on exit");
+    assert!(d.log_text().contains("SIGTERM"), "{}", d.log_text());
+
+    // Restart with a config file: the pool is opened, not created; settings given agree.
+    let conf = dir.join("thinpoold.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "root = {:?}\nsocket = {:?}\ndata-size = \"4G\"\nmetrics_addr = \"127.0.0.1:19095\"\n",
+            root, socket
+        ),
+    )
+    .unwrap();
+    let mut d2 = Daemon::start(&root, &socket, &["--config", conf.to_str().unwrap()]);
+    let ls = json(&d2.thinctl(&["snapshot", "ls", "--json"]).1);
+    let mut names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["c1", "layer1"], "snapshots survive a restart");
+    assert!(
+        !d2.log_text().contains("creating pool"),
+        "{}",
+        d2.log_text()
+    );
+    assert!(d2.stop().success());
+    // A setting that conflicts with the pool on disk is refused, naming it.
+    let mut bad = Daemon::spawn(&root, &socket, &["--fs", "xfs"]);
+    let st = bad.child.as_mut().unwrap().wait().unwrap();
+    bad.child = None;
+    assert!(!st.success());
+    assert!(bad.log_text().contains("setting fs"), "{}", bad.log_text());
+    drop(bad);
+    drop(d2);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
