@@ -629,7 +629,16 @@ impl Pool {
                     "device {name:?} is still being created"
                 )));
             }
-            let children = w.children(rec.id)?;
+            // A child whose removal is recorded (deferred, not yet reclaimed) no longer
+            // counts: a garbage collector removes a chain child first, then the parent,
+            // without waiting for reclaim in between. The backends delete devices
+            // independently of their origins, so the order of the later deletes is free.
+            let mut children = Vec::new();
+            for c in w.children(rec.id)? {
+                if w.device(c)?.is_some_and(|c| c.state != DeviceState::Deleting) {
+                    children.push(c);
+                }
+            }
             if !children.is_empty() {
                 return Err(Error::FailedPrecondition(format!(
                     "device {name:?} has {} children; remove them first",
