@@ -471,6 +471,23 @@ fn remove_and_cleanup() {
         c.cleanup().await.expect("cleanup");
         assert_eq!(c.devices().await.unwrap().len(), base_devices);
 
+        // GC order: a chain's child, then at once its parent (no Cleanup in between).
+        c.prepare("ck", None, none()).await.unwrap();
+        c.commit("chain1", "ck", none()).await.unwrap();
+        c.prepare("ck2", Some("chain1"), none()).await.unwrap();
+        c.commit("chain2", "ck2", none()).await.unwrap();
+        c.prepare("top", Some("chain2"), none()).await.unwrap();
+        assert_eq!(code(c.remove("chain2").await), Code::FailedPrecondition);
+        c.remove("top").await.unwrap();
+        c.remove("chain2")
+            .await
+            .expect("a removed child does not block its parent");
+        c.remove("chain1").await.unwrap();
+        c.cleanup().await.unwrap();
+        assert_eq!(c.devices().await.unwrap().len(), base_devices);
+        let a = c.audit().await.unwrap();
+        assert!(a.clean, "{a:?}");
+
         // Mounted while removed: Remove succeeds, the delete waits for the unmount.
         let m = c.prepare("busy", None, none()).await.unwrap();
         let dir = h.mount(&m[0], "busy");

@@ -635,7 +635,9 @@ impl Pool {
             // independently of their origins, so the order of the later deletes is free.
             let mut children = Vec::new();
             for c in w.children(rec.id)? {
-                if w.device(c)?.is_some_and(|c| c.state != DeviceState::Deleting) {
+                if w.device(c)?
+                    .is_some_and(|c| c.state != DeviceState::Deleting)
+                {
                     children.push(c);
                 }
             }
