@@ -859,6 +859,12 @@ fn detach_unused(dev: &Path) -> Result<()> {
         }
         Err(e) => return Err(Error::io("open loop device", dev, e)),
     };
+    // Which file is ours: once detached, the loop number may at once be attached to another
+    // device file by a concurrent activate (LOOP_CTL_GET_FREE hands it out), so "a backing
+    // file is still there" alone does not mean ours is.
+    let backing = sysfs_loop_attr(dev, "backing_file");
+    let ours = fs::read_to_string(&backing).ok();
+    let still_ours = || ours.is_some() && fs::read_to_string(&backing).ok() == ours;
     // SAFETY: LOOP_CLR_FD takes no argument; the fd is open.
     if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
         let e = io::Error::last_os_error();
@@ -869,9 +875,8 @@ fn detach_unused(dev: &Path) -> Result<()> {
     }
     // Our close is the last one unless someone else has the device open.
     drop(f);
-    let backing = sysfs_loop_attr(dev, "backing_file");
     let waited = std::time::Instant::now();
-    while backing.exists() {
+    while still_ours() {
         if waited.elapsed() >= DETACH_WAIT {
             return match keep_attached(dev) {
                 Ok(true) => Err(Error::FailedPrecondition(format!(
