@@ -316,18 +316,26 @@ fn attach_like_the_backend(file: &File) -> Res<PathBuf> {
     };
     config.info[52..56].copy_from_slice(&LO_FLAGS_DIRECT_IO.to_ne_bytes());
     let ctl = File::open("/dev/loop-control")?;
-    // SAFETY: LOOP_CTL_GET_FREE takes no argument.
-    let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().into());
+    // Another process may take the free device between the two ioctls (EBUSY): ask again,
+    // as the backend does.
+    for _ in 0..20 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let dev = PathBuf::from(format!("/dev/loop{n}"));
+        let lo = OpenOptions::new().read(true).write(true).open(&dev)?;
+        // SAFETY: the kernel reads `config`, which outlives the call.
+        if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &config) } == 0 {
+            return Ok(dev);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(err.into());
+        }
     }
-    let dev = PathBuf::from(format!("/dev/loop{n}"));
-    let lo = OpenOptions::new().read(true).write(true).open(&dev)?;
-    // SAFETY: the kernel reads `config`, which outlives the call.
-    if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &config) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(dev)
+    Err("no free loop device after 20 tries".into())
 }
 
 fn write_payload(path: &Path, len: u64) -> Res<()> {
