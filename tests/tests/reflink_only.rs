@@ -83,6 +83,7 @@ impl Fixture {
                 kind,
                 size: None,
                 labels: BTreeMap::new(),
+                activate: false,
             })
             .unwrap_or_else(|e| panic!("snapshot {n}: {e}"));
     }
@@ -782,6 +783,7 @@ fn xfs_base_and_a_larger_snapshot() {
             kind: DeviceKind::Active,
             size: Some(Bytes::gib(2)),
             labels: BTreeMap::new(),
+            activate: false,
         })
         .unwrap();
     let (_, m) = fx.mount("big");

@@ -91,6 +91,7 @@ fn snapshot(pool: &Pool, n: &str, parent: Option<&str>) -> thinpool::Result<()> 
         kind: DeviceKind::Active,
         size: None,
         labels: BTreeMap::new(),
+        activate: true,
     })
     .map(drop)
 }
