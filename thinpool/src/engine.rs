@@ -294,17 +294,10 @@ impl Pool {
         self.store.write(|w| w.advance_transaction_id(txn))
     }
 
-    /// Removes a device whose create did not finish, from the backend and from our records.
+    /// Removes a device whose create did not finish, from the backend and from our records:
+    /// the same steps as finishing a delete.
     fn undo_create(&self, id: ThinId) -> Result<()> {
-        let _guard = self.locks.lock(id);
-        self.backend.deactivate(id)?;
-        let txn = self.backend.delete(id)?;
-        self.store.write(|w| {
-            w.remove_device(id)?;
-            w.advance_transaction_id(txn)
-        })?;
-        self.locks.forget(id);
-        Ok(())
+        self.finish_delete(id, false)
     }
 
     /// Completes a recorded delete: deactivate, optionally discard, delete, forget.
