@@ -96,6 +96,24 @@ fn dev_of(path: &Path) -> Result<Device> {
     Ok(Device { major, minor })
 }
 
+/// Sets up (or adopts) a linear device `name` over the whole of `loop_dev`, whose backing
+/// file is `file`; returns it with the file's length.
+fn linear_over(dm: &DM, name: &DmName, loop_dev: &Path, file: &Path) -> Result<(LinearDev, Bytes)> {
+    let len = Bytes(
+        fs::metadata(file)
+            .map_err(|e| Error::io("stat", file, e))?
+            .len(),
+    );
+    let dev = LinearDev::setup(
+        dm,
+        name,
+        None,
+        linear_table(dev_of(loop_dev)?, DmSectors(len.sectors().0)),
+    )
+    .map_err(dm_err(format!("set up linear device {name}")))?;
+    Ok((dev, len))
+}
+
 fn linear_table(dev: Device, len: DmSectors) -> Vec<TargetLine<LinearDevTargetParams>> {
     vec![TargetLine::new(
         DmSectors(0),
@@ -157,30 +175,8 @@ impl DmBackend {
         };
         let meta_loop = loopback::attach(&paths.metadata_file)?;
         let data_loop = loopback::attach(&paths.data_file)?;
-        let meta_len = Bytes(
-            fs::metadata(&paths.metadata_file)
-                .map_err(|e| Error::io("stat", &paths.metadata_file, e))?
-                .len(),
-        );
-        let data_len = Bytes(
-            fs::metadata(&paths.data_file)
-                .map_err(|e| Error::io("stat", &paths.data_file, e))?
-                .len(),
-        );
-        let meta = LinearDev::setup(
-            &dm,
-            &names.meta(),
-            None,
-            linear_table(dev_of(&meta_loop)?, DmSectors(meta_len.sectors().0)),
-        )
-        .map_err(dm_err("set up metadata linear device"))?;
-        let data = LinearDev::setup(
-            &dm,
-            &names.data(),
-            None,
-            linear_table(dev_of(&data_loop)?, DmSectors(data_len.sectors().0)),
-        )
-        .map_err(dm_err("set up data linear device"))?;
+        let (meta, _) = linear_over(&dm, &names.meta(), &meta_loop, &paths.metadata_file)?;
+        let (data, data_len) = linear_over(&dm, &names.data(), &data_loop, &paths.data_file)?;
 
         let block_sectors = DmSectors(settings.block_size.sectors().0);
         let total_blocks = DataBlocks(data_len.0 / settings.block_size.0);
