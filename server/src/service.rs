@@ -250,6 +250,8 @@ impl Service {
             kind,
             size,
             labels: labels.into_iter().collect(),
+            // Created and activated in one commit; the activate below only returns the spec.
+            activate: true,
         };
         self.inner.pool.snapshot(req).await.map_err(status)?;
         match self.inner.pool.activate(key.clone()).await {
