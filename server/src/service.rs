@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use thinpool::{
     AsyncPool, BackendKind, Bytes, DeviceKind, DeviceName, DeviceRecord, DeviceState, Error,
-    ErrorKind, MountSpec, RemoveOptions, SnapshotRequest, ThinId,
+    ErrorKind, MountSpec, Pool, RemoveOptions, SnapshotRequest, ThinId,
 };
 use thinpool_proto::admin::{self, admin_server::Admin};
 use thinpool_proto::snapshots::{self as pb, snapshots_server::Snapshots};
@@ -181,30 +181,16 @@ impl Service {
         }
     }
 
-    /// The record of a snapshot the API shows; NotFound for anything else.
-    async fn lookup(&self, key: &DeviceName) -> Result<DeviceRecord, Status> {
-        match self.inner.pool.device(key.clone()).await {
-            Ok(rec) if visible(&rec) => Ok(rec),
-            Ok(_) => Err(Status::not_found(format!("snapshot {:?}", key.as_str()))),
-            // The engine reports a record mid-create as FailedPrecondition; the API hides it.
-            Err(e) if e.kind() == ErrorKind::FailedPrecondition => Err(Status::not_found(format!(
-                "snapshot {:?} (being created)",
-                key.as_str()
-            ))),
-            Err(e) => Err(status(e)),
-        }
-    }
-
-    /// The name of the device with id `parent`, or "" for the base device.
-    async fn parent_name(&self, parent: Option<ThinId>) -> Result<String, Status> {
-        let Some(id) = parent else {
-            return Ok(String::new());
-        };
-        let rec = self.inner.pool.device_by_id(id).await.map_err(status)?;
-        Ok(match (rec.kind, rec.name) {
-            (DeviceKind::Base, _) | (_, None) => String::new(),
-            (_, Some(n)) => n.to_string(),
-        })
+    /// Runs `f` with the engine on tokio's blocking pool: one hop per request, however
+    /// many engine calls it makes.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Pool) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let engine = self.inner.pool.engine().clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
     }
 
     async fn create(
@@ -218,24 +204,7 @@ impl Service {
         let parent = if parent.is_empty() {
             None
         } else {
-            let p = name("parent", parent)?;
-            let rec = match self.inner.pool.device(p.clone()).await {
-                Ok(rec) if visible(&rec) => rec,
-                Ok(_) => return Err(Status::not_found(format!("parent {parent:?}"))),
-                Err(e) if e.kind() == ErrorKind::FailedPrecondition => {
-                    return Err(Status::not_found(format!(
-                        "parent {parent:?} (being created)"
-                    )));
-                }
-                Err(e) => return Err(status(e)),
-            };
-            if rec.kind != DeviceKind::Committed {
-                return Err(Status::failed_precondition(format!(
-                    "parent {parent:?} is {}, not committed",
-                    kind_str(rec.kind)
-                )));
-            }
-            Some(p)
+            Some(name("parent", parent)?)
         };
         let size = match labels.get(SIZE_LABEL) {
             None => None,
@@ -246,30 +215,84 @@ impl Service {
         };
         let req = SnapshotRequest {
             name: key.clone(),
-            parent,
+            parent: parent.clone(),
             kind,
             size,
             labels: labels.into_iter().collect(),
             // Created and activated in one commit; the activate below only returns the spec.
             activate: true,
         };
-        self.inner.pool.snapshot(req).await.map_err(status)?;
-        match self.inner.pool.activate(key.clone()).await {
-            Ok(spec) => Ok(vec![mount(spec)]),
-            Err(e) => {
-                // Do not leave a snapshot behind that the caller was told failed.
-                let opts = RemoveOptions {
-                    deferred: true,
-                    ..Default::default()
-                };
-                if let Err(undo) = self.inner.pool.remove(key.clone(), opts).await {
-                    warn!(key = %key, error = %undo, "could not remove a snapshot whose activation failed");
+        let (spec, undone) = self
+            .blocking(move |engine| {
+                if let Some(p) = &parent {
+                    let rec = match engine.device(p) {
+                        Ok(rec) if visible(&rec) => rec,
+                        Ok(_) => return Err(Status::not_found(format!("parent {:?}", p.as_str()))),
+                        Err(e) if e.kind() == ErrorKind::FailedPrecondition => {
+                            return Err(Status::not_found(format!(
+                                "parent {:?} (being created)",
+                                p.as_str()
+                            )));
+                        }
+                        Err(e) => return Err(status(e)),
+                    };
+                    if rec.kind != DeviceKind::Committed {
+                        return Err(Status::failed_precondition(format!(
+                            "parent {:?} is {}, not committed",
+                            p.as_str(),
+                            kind_str(rec.kind)
+                        )));
+                    }
                 }
-                self.inner.reclaim_wake.notify_one();
-                Err(status(e))
-            }
+                engine.snapshot(req).map_err(status)?;
+                match engine.activate(&key) {
+                    Ok(spec) => Ok((Ok(spec), false)),
+                    Err(e) => {
+                        // Do not leave a snapshot behind that the caller was told failed.
+                        let opts = RemoveOptions {
+                            deferred: true,
+                            ..Default::default()
+                        };
+                        if let Err(undo) = engine.remove(&key, opts) {
+                            warn!(key = %key, error = %undo,
+                                "could not remove a snapshot whose activation failed");
+                        }
+                        Ok((Err(status(e)), true))
+                    }
+                }
+            })
+            .await?;
+        if undone {
+            self.inner.reclaim_wake.notify_one();
         }
+        Ok(vec![mount(spec?)])
     }
+}
+
+/// The record of a snapshot the API shows; NotFound for anything else.
+fn lookup(engine: &Pool, key: &DeviceName) -> Result<DeviceRecord, Status> {
+    match engine.device(key) {
+        Ok(rec) if visible(&rec) => Ok(rec),
+        Ok(_) => Err(Status::not_found(format!("snapshot {:?}", key.as_str()))),
+        // The engine reports a record mid-create as FailedPrecondition; the API hides it.
+        Err(e) if e.kind() == ErrorKind::FailedPrecondition => Err(Status::not_found(format!(
+            "snapshot {:?} (being created)",
+            key.as_str()
+        ))),
+        Err(e) => Err(status(e)),
+    }
+}
+
+/// The name of the device with id `parent`, or "" for the base device.
+fn parent_name(engine: &Pool, parent: Option<ThinId>) -> Result<String, Status> {
+    let Some(id) = parent else {
+        return Ok(String::new());
+    };
+    let rec = engine.device_by_id(id).map_err(status)?;
+    Ok(match (rec.kind, rec.name) {
+        (DeviceKind::Base, _) | (_, None) => String::new(),
+        (_, Some(n)) => n.to_string(),
+    })
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
@@ -310,14 +333,18 @@ impl Snapshots for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            let rec = self.lookup(&key).await?;
-            if rec.kind == DeviceKind::Committed {
-                return Err(Status::failed_precondition(format!(
-                    "snapshot {:?} is committed; only active and view snapshots have mounts",
-                    r.key
-                )));
-            }
-            let spec = self.inner.pool.activate(key).await.map_err(status)?;
+            let spec = self
+                .blocking(move |engine| {
+                    let rec = lookup(engine, &key)?;
+                    if rec.kind == DeviceKind::Committed {
+                        return Err(Status::failed_precondition(format!(
+                            "snapshot {:?} is committed; only active and view snapshots have mounts",
+                            key.as_str()
+                        )));
+                    }
+                    engine.activate(&key).map_err(status)
+                })
+                .await?;
             Ok(Response::new(pb::MountsResponse {
                 mounts: vec![mount(spec)],
             }))
@@ -335,20 +362,20 @@ impl Snapshots for Service {
         let res = async {
             let key = name("key", &r.key)?;
             let new = name("name", &r.name)?;
-            if !r.parent.is_empty() {
-                let rec = self.lookup(&key).await?;
-                if self.parent_name(rec.parent).await? != r.parent {
-                    return Err(Status::unimplemented(
-                        "commit onto a different parent (rebase) is not supported",
-                    ));
-                }
-            }
             let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
-            self.inner
-                .pool
-                .commit(key, new, Some(labels))
-                .await
-                .map_err(status)?;
+            let rebase_to = r.parent;
+            self.blocking(move |engine| {
+                if !rebase_to.is_empty() {
+                    let rec = lookup(engine, &key)?;
+                    if parent_name(engine, rec.parent)? != rebase_to {
+                        return Err(Status::unimplemented(
+                            "commit onto a different parent (rebase) is not supported",
+                        ));
+                    }
+                }
+                engine.commit(&key, &new, Some(labels)).map_err(status)
+            })
+            .await?;
             Ok(Response::new(()))
         }
         .await;
@@ -395,8 +422,13 @@ impl Snapshots for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            let rec = self.lookup(&key).await?;
-            let parent = self.parent_name(rec.parent).await?;
+            let (rec, parent) = self
+                .blocking(move |engine| {
+                    let rec = lookup(engine, &key)?;
+                    let parent = parent_name(engine, rec.parent)?;
+                    Ok((rec, parent))
+                })
+                .await?;
             Ok(Response::new(pb::StatSnapshotResponse {
                 info: Some(info(&rec, parent)),
             }))
@@ -419,7 +451,12 @@ impl Snapshots for Service {
             let key = name("info.name", &new.name)?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
             let _g = self.inner.update_lock.lock().await;
-            let rec = self.lookup(&key).await?;
+            let rec = self
+                .blocking({
+                    let key = key.clone();
+                    move |engine| lookup(engine, &key)
+                })
+                .await?;
             let mut labels = rec.labels.clone();
             if paths.is_empty() {
                 labels = new.labels.into_iter().collect();
@@ -443,13 +480,13 @@ impl Snapshots for Service {
                     }
                 }
             }
-            let rec = self
-                .inner
-                .pool
-                .set_labels(key, labels)
-                .await
-                .map_err(status)?;
-            let parent = self.parent_name(rec.parent).await?;
+            let (rec, parent) = self
+                .blocking(move |engine| {
+                    let rec = engine.set_labels(&key, labels).map_err(status)?;
+                    let parent = parent_name(engine, rec.parent)?;
+                    Ok((rec, parent))
+                })
+                .await?;
             Ok(Response::new(pb::UpdateSnapshotResponse {
                 info: Some(info(&rec, parent)),
             }))
@@ -514,18 +551,23 @@ impl Snapshots for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            let rec = self.lookup(&key).await?;
-            let mapped = self.inner.pool.usage(key).await.map_err(status)?;
-            // dm counts every block the device maps, shared with its parent or not: report
-            // what it maps beyond its parent (as containerd's devmapper does). reflink
-            // already counts only extents the device does not share.
-            let size = match (self.inner.backend, rec.parent) {
-                (BackendKind::Dm, Some(p)) => {
-                    let parent = self.inner.pool.usage_by_id(p).await.map_err(status)?;
-                    mapped.0.saturating_sub(parent.0)
-                }
-                _ => mapped.0,
-            };
+            let backend = self.inner.backend;
+            let size = self
+                .blocking(move |engine| {
+                    let rec = lookup(engine, &key)?;
+                    let mapped = engine.usage(&key).map_err(status)?;
+                    // dm counts every block the device maps, shared with its parent or not:
+                    // report what it maps beyond its parent (as containerd's devmapper does).
+                    // reflink already counts only extents the device does not share.
+                    Ok(match (backend, rec.parent) {
+                        (BackendKind::Dm, Some(p)) => {
+                            let parent = engine.usage_by_id(p).map_err(status)?;
+                            mapped.0.saturating_sub(parent.0)
+                        }
+                        _ => mapped.0,
+                    })
+                })
+                .await?;
             Ok(Response::new(pb::UsageResponse {
                 size: size as i64,
                 inodes: 0,
@@ -700,8 +742,12 @@ impl Admin for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            self.lookup(&key).await?;
-            let spec = self.inner.pool.activate(key).await.map_err(status)?;
+            let spec = self
+                .blocking(move |engine| {
+                    lookup(engine, &key)?;
+                    engine.activate(&key).map_err(status)
+                })
+                .await?;
             Ok(Response::new(admin::ActivateResponse {
                 mounts: vec![mount(spec)],
             }))
@@ -718,8 +764,11 @@ impl Admin for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            self.lookup(&key).await?;
-            self.inner.pool.deactivate(key).await.map_err(status)?;
+            self.blocking(move |engine| {
+                lookup(engine, &key)?;
+                engine.deactivate(&key).map_err(status)
+            })
+            .await?;
             Ok(Response::new(()))
         }
         .await;
