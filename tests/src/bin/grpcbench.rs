@@ -165,6 +165,24 @@ fn main() {
         clean(&engine, &keys);
     }
 
+    // ---- The fixed cost of one RPC: Stat (a record read) through gRPC vs the engine.
+    let mut stat_engine = Vec::new();
+    let mut stat_grpc = Vec::new();
+    for _ in 0..PASSES {
+        for _ in 0..ops {
+            let t = Instant::now();
+            engine.device(&name("layer")).unwrap();
+            stat_engine.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        rt.block_on(async {
+            for _ in 0..ops {
+                let t = Instant::now();
+                c.stat("layer").await.unwrap();
+                stat_grpc.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        });
+    }
+
     // ---- Prepare→Mounts, 32-way concurrent
     let per_worker = (ops / WORKERS).max(4);
     let mut conc_engine = Vec::new();
@@ -347,6 +365,13 @@ fn main() {
         "| {WORKERS}-way concurrent | {ce50:.2} ms | {cg50:.2} ms | {} | {ce99:.2} ms | {cg99:.2} ms | {} |",
         fmt_ratio(cg50, ce50),
         fmt_ratio(cg99, ce99)
+    );
+    let (st_e50, st_e99) = percentiles(stat_engine.clone());
+    let (st_g50, st_g99) = percentiles(stat_grpc.clone());
+    println!(
+        "| one RPC: Stat vs `Pool::device` | {st_e50:.3} ms | {st_g50:.3} ms | +{:.3} ms | {st_e99:.3} ms | {st_g99:.3} ms | +{:.3} ms |",
+        st_g50 - st_e50,
+        st_g99 - st_e99
     );
     println!(
         "| {WORKERS}-way throughput | {:.0} ops/s | {:.0} ops/s | {} | | | |",
