@@ -535,7 +535,7 @@ mod tests {
             .unwrap();
         let want = Bytes(total.0 + Percent(20).of(total).0);
         assert!(
-            new >= want && new.0 - want.0 < BS.0 && new.0 % BS.0 == 0,
+            new >= want && new.0 - want.0 < BS.0 && new.0.is_multiple_of(BS.0),
             "{new:?}"
         );
         // 95% used: ceil(95 / 70 * 100) - 100 = 36% gets usage back under 70% in one step.

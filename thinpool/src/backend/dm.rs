@@ -396,7 +396,7 @@ impl DmBackend {
                             "the pool did not resume ({resume}) and neither did it with its \
                              old tables ({e}): it is SUSPENDED and its devices hang until \
                              `dmsetup resume {}` succeeds",
-                            self.names.pool().to_string()
+                            &*self.names.pool()
                         ),
                     },
                 })
@@ -976,7 +976,7 @@ impl DmEvents {
         let nr = list
             .into_iter()
             .find(|(name, _, _)| *name == self.pool)
-            .ok_or_else(|| Error::NotFound(format!("thin-pool {}", self.pool.to_string())))?
+            .ok_or_else(|| Error::NotFound(format!("thin-pool {}", &*self.pool)))?
             .2;
         Ok(nr)
     }
