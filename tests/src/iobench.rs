@@ -14,16 +14,23 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
-    pub fn new(len: usize, fill_seed: u64) -> AlignedBuf {
+    /// A buffer of `len` zero bytes. Precondition: `len > 0`.
+    pub fn zeroed(len: usize) -> AlignedBuf {
         let layout = Layout::from_size_align(len, 4096).expect("layout");
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         assert!(!ptr.is_null(), "allocation failed");
-        let mut b = AlignedBuf { ptr, layout };
+        AlignedBuf { ptr, layout }
+    }
+
+    /// A buffer of `len` pseudo-random bytes from [`crate::pattern`].
+    pub fn new(len: usize, fill_seed: u64) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(len);
         b.bytes_mut()
             .copy_from_slice(&crate::pattern(fill_seed, len));
         b
     }
+
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: ptr is valid for layout.size() bytes for the life of self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }

@@ -82,6 +82,7 @@ pub fn request(n: &str, parent: Option<&str>, kind: DeviceKind) -> SnapshotReque
         kind,
         size: None,
         labels: BTreeMap::new(),
+        activate: false,
     }
 }
 

@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use thinpool_tests::iobench::AlignedBuf;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tempfile::TempDir;
@@ -83,6 +84,7 @@ impl Fixture {
                 kind,
                 size: None,
                 labels: BTreeMap::new(),
+                activate: false,
             })
             .unwrap_or_else(|e| panic!("snapshot {n}: {e}"));
     }
@@ -710,43 +712,15 @@ fn remove_frees_the_file_and_space() {
         .custom_flags(libc::O_DIRECT)
         .open(&spec.source)
         .unwrap();
-    let mut buf = AlignedBuf::new(4096);
-    f.read_exact(buf.as_mut()).unwrap();
+    let mut buf = AlignedBuf::zeroed(4096);
+    f.read_exact(buf.bytes_mut()).unwrap();
     assert_eq!(
-        &buf.as_mut()[1024 + 0x38..1024 + 0x3a],
+        &buf.bytes_mut()[1024 + 0x38..1024 + 0x3a],
         &[0x53, 0xEF],
         "ext4 magic"
     );
     drop(f);
     fx.pool().deactivate(&name("raw")).unwrap();
-}
-
-/// A page-aligned buffer for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr holds layout.size() initialised bytes, owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
 }
 
 /// An XFS base filesystem (made on a 4 KiB-sector device) and a snapshot larger than its
@@ -782,6 +756,7 @@ fn xfs_base_and_a_larger_snapshot() {
             kind: DeviceKind::Active,
             size: Some(Bytes::gib(2)),
             labels: BTreeMap::new(),
+            activate: false,
         })
         .unwrap();
     let (_, m) = fx.mount("big");

@@ -452,9 +452,9 @@ fn setup_victim(tp: &mut TestPool) {
 }
 
 fn op_create(root: &Path) {
-    child_pool(root)
-        .snapshot(request("new", None, DeviceKind::Active))
-        .unwrap();
+    let mut req = request("new", None, DeviceKind::Active);
+    req.activate = true; // as containerd's Prepare does
+    child_pool(root).snapshot(req).unwrap();
 }
 
 fn op_snapshot(root: &Path) {
@@ -524,6 +524,17 @@ fn crash_create_after_kernel() {
     crash_case(
         "crash_create_after_kernel",
         "create:after_kernel",
+        None,
+        op_create,
+        check_new_rolled_back,
+    );
+}
+
+#[test]
+fn crash_create_after_activate() {
+    crash_case(
+        "crash_create_after_activate",
+        "create:after_activate",
         None,
         op_create,
         check_new_rolled_back,

@@ -55,6 +55,9 @@ pub struct SnapshotRequest {
     /// grown to fill it.
     pub size: Option<Bytes>,
     pub labels: BTreeMap<String, String>,
+    /// Also activate the new device, recorded in the same commit as its creation (one fsync
+    /// fewer than `snapshot` then `activate`). containerd's Prepare and View want this.
+    pub activate: bool,
 }
 
 /// How [`Pool::remove`] frees the device.
@@ -436,17 +439,10 @@ impl Pool {
         self.store.write(|w| w.advance_transaction_id(txn))
     }
 
-    /// Removes a device whose create did not finish, from the backend and from our records.
+    /// Removes a device whose create did not finish, from the backend and from our records:
+    /// the same steps as finishing a delete.
     fn undo_create(&self, id: ThinId) -> Result<()> {
-        let _guard = self.locks.lock(id);
-        self.backend.deactivate(id)?;
-        let txn = self.backend.delete(id)?;
-        self.store.write(|w| {
-            w.remove_device(id)?;
-            w.advance_transaction_id(txn)
-        })?;
-        self.locks.forget(id);
-        Ok(())
+        self.finish_delete(id, false)
     }
 
     /// Completes a recorded delete: deactivate, optionally discard, delete, forget.
@@ -609,6 +605,13 @@ impl Pool {
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
             }
+            if req.activate {
+                // A crash from here on still rolls the create back, deactivating first.
+                let _guard = self.locks.lock(rec.id);
+                self.backend
+                    .activate(rec.id, rec.size, rec.kind != DeviceKind::Active)?;
+                failpoint::hit(&format!("{op}:after_activate"));
+            }
             Ok(txn)
         })();
         let txn = match made {
@@ -625,6 +628,7 @@ impl Pool {
         // 3. The outcome.
         let mut done = rec;
         done.state = DeviceState::Ready;
+        done.active = req.activate;
         self.store.write(|w| {
             w.put_device(&done)?;
             w.advance_transaction_id(txn)

@@ -18,6 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use thinpool_tests::iobench::AlignedBuf;
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use thinpool::{
@@ -91,6 +92,7 @@ fn snapshot(pool: &Pool, n: &str, parent: Option<&str>) -> thinpool::Result<()> 
         kind: DeviceKind::Active,
         size: None,
         labels: BTreeMap::new(),
+        activate: true,
     })
     .map(drop)
 }
@@ -316,18 +318,26 @@ fn attach_like_the_backend(file: &File) -> Res<PathBuf> {
     };
     config.info[52..56].copy_from_slice(&LO_FLAGS_DIRECT_IO.to_ne_bytes());
     let ctl = File::open("/dev/loop-control")?;
-    // SAFETY: LOOP_CTL_GET_FREE takes no argument.
-    let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error().into());
+    // Another process may take the free device between the two ioctls (EBUSY): ask again,
+    // as the backend does.
+    for _ in 0..20 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let dev = PathBuf::from(format!("/dev/loop{n}"));
+        let lo = OpenOptions::new().read(true).write(true).open(&dev)?;
+        // SAFETY: the kernel reads `config`, which outlives the call.
+        if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &config) } == 0 {
+            return Ok(dev);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(err.into());
+        }
     }
-    let dev = PathBuf::from(format!("/dev/loop{n}"));
-    let lo = OpenOptions::new().read(true).write(true).open(&dev)?;
-    // SAFETY: the kernel reads `config`, which outlives the call.
-    if unsafe { libc::ioctl(lo.as_raw_fd(), LOOP_CONFIGURE, &config) } != 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(dev)
+    Err("no free loop device after 20 tries".into())
 }
 
 fn write_payload(path: &Path, len: u64) -> Res<()> {
@@ -353,11 +363,11 @@ fn open_direct(dev: &Path, write: bool) -> Res<File> {
 /// Writes `SEQ_BYTES` from `offset` in 1 MiB O_DIRECT writes and fsyncs; MiB/s.
 fn seq_write(dev: &Path, offset: u64) -> Res<f64> {
     let f = open_direct(dev, true)?;
-    let mut buf = AlignedBuf::new(MIB as usize);
-    Rng(offset | 1).fill(buf.as_mut());
+    let mut buf = AlignedBuf::zeroed(MIB as usize);
+    Rng(offset | 1).fill(buf.bytes_mut());
     let t = Instant::now();
     for i in 0..SEQ_BYTES / MIB {
-        f.write_all_at(buf.as_mut(), offset + i * MIB)?;
+        f.write_all_at(buf.bytes_mut(), offset + i * MIB)?;
     }
     f.sync_all()?;
     Ok(SEQ_BYTES as f64 / MIB as f64 / t.elapsed().as_secs_f64())
@@ -366,10 +376,10 @@ fn seq_write(dev: &Path, offset: u64) -> Res<f64> {
 /// Reads `SEQ_BYTES` from `offset` in 1 MiB O_DIRECT reads; MiB/s.
 fn seq_read(dev: &Path, offset: u64) -> Res<f64> {
     let f = open_direct(dev, false)?;
-    let mut buf = AlignedBuf::new(MIB as usize);
+    let mut buf = AlignedBuf::zeroed(MIB as usize);
     let t = Instant::now();
     for i in 0..SEQ_BYTES / MIB {
-        f.read_exact_at(buf.as_mut(), offset + i * MIB)?;
+        f.read_exact_at(buf.bytes_mut(), offset + i * MIB)?;
     }
     Ok(SEQ_BYTES as f64 / MIB as f64 / t.elapsed().as_secs_f64())
 }
@@ -378,14 +388,14 @@ fn seq_read(dev: &Path, offset: u64) -> Res<f64> {
 /// `offset`, then fsync; IOPS.
 fn random_write(dev: &Path, offset: u64, seed: u64) -> Res<f64> {
     let f = open_direct(dev, true)?;
-    let mut buf = AlignedBuf::new(4096);
+    let mut buf = AlignedBuf::zeroed(4096);
     let mut rng = Rng(0xdead_beef ^ ((seed + 1) * 0x9E37_79B9));
-    rng.fill(buf.as_mut());
+    rng.fill(buf.bytes_mut());
     let blocks = SEQ_BYTES / 4096;
     let t = Instant::now();
     for _ in 0..RANDOM_OPS {
         let b = rng.next() % blocks;
-        f.write_all_at(buf.as_mut(), offset + b * 4096)?;
+        f.write_all_at(buf.bytes_mut(), offset + b * 4096)?;
     }
     f.sync_all()?;
     Ok(RANDOM_OPS as f64 / t.elapsed().as_secs_f64())
@@ -406,34 +416,6 @@ impl Rng {
             let v = self.next().to_le_bytes();
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
-    }
-}
-
-/// A 4 KiB-aligned buffer, as O_DIRECT needs.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "allocation failed");
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr holds layout.size() initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
     }
 }
 

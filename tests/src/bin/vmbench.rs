@@ -51,6 +51,7 @@ fn main() {
         kind: DeviceKind::Active,
         size: None,
         labels: BTreeMap::new(),
+        activate: false,
     })
     .unwrap();
     pool.commit(&n("layer-key".into()), &n("layer".into()), None)
@@ -75,6 +76,7 @@ fn main() {
             kind: DeviceKind::Active,
             size: None,
             labels: BTreeMap::new(),
+            activate: true,
         })
         .unwrap();
         pool.activate(&n(format!("c{i}"))).unwrap();
@@ -208,6 +210,7 @@ fn io_rows(dir: &Path, block: Bytes, report: &mut String) {
         kind: DeviceKind::Active,
         size: None,
         labels: BTreeMap::new(),
+        activate: false,
     })
     .unwrap();
     let thin = pool.activate(&dev).unwrap().source;
