@@ -521,7 +521,8 @@ impl Pool {
     /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
-    /// `InvalidArgument` for a bad kind or a size below the parent's.
+    /// `InvalidArgument` for a bad kind or a size below the parent's, `ResourceExhausted`
+    /// while the pool's free space is below `min_free_space` (the message says how to grow).
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
         if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
             return Err(Error::InvalidArgument(format!(

@@ -936,8 +936,9 @@ impl Backend for DmBackend {
 /// no other user of the control device) and the pool's last seen event number.
 ///
 /// The kernel's protocol: the control fd polls readable once any dm event happened on the
-/// host since the fd was last armed (`DM_DEV_ARM_POLL`); which device evented shows in the
-/// per-device event numbers that `DM_LIST_DEVICES` returns.
+/// host since the fd was last armed (`DM_DEV_ARM_POLL`, ioctl interface 4.37); which device
+/// evented shows in its event number, which `DM_DEV_STATUS` returns (one ioctl for the pool,
+/// rather than listing every device on the host).
 struct DmEvents {
     dm: DM,
     pool: DmNameBuf,
@@ -945,8 +946,7 @@ struct DmEvents {
 }
 
 impl DmEvents {
-    /// `None` when the kernel's dm ioctl interface is older than 4.37 (no event numbers in
-    /// device lists, no polling).
+    /// `None` when the kernel cannot arm the control fd for polling (before 4.37).
     fn new(pool: DmNameBuf) -> Result<Option<DmEvents>> {
         let dm = DM::new().map_err(dm_err("open /dev/mapper/control"))?;
         if let Err(e) = dm.arm_poll() {
@@ -958,27 +958,16 @@ impl DmEvents {
             pool,
             last: parking_lot::Mutex::new(0),
         };
-        match events.event_nr()? {
-            Some(nr) => {
-                *events.last.lock() = nr;
-                Ok(Some(events))
-            }
-            None => {
-                warn!("the kernel reports no dm event numbers; the space monitor only polls");
-                Ok(None)
-            }
-        }
+        *events.last.lock() = events.event_nr()?;
+        Ok(Some(events))
     }
 
-    /// The pool's event number, `None` when the kernel does not report them.
-    fn event_nr(&self) -> Result<Option<u32>> {
-        let list = self.dm.list_devices().map_err(dm_err("list devices"))?;
-        let nr = list
-            .into_iter()
-            .find(|(name, _, _)| *name == self.pool)
-            .ok_or_else(|| Error::NotFound(format!("thin-pool {}", &*self.pool)))?
-            .2;
-        Ok(nr)
+    fn event_nr(&self) -> Result<u32> {
+        Ok(self
+            .dm
+            .device_info(&DevId::Name(&self.pool))
+            .map_err(dm_err(format!("status of {}", &*self.pool)))?
+            .event_nr())
     }
 }
 
@@ -988,10 +977,10 @@ impl PoolEvents for DmEvents {
     }
 
     fn take(&self) -> Result<u32> {
-        // Arm first, then read the numbers: an event between the two is seen now and also
+        // Arm first, then read the number: an event between the two is seen now and also
         // makes the fd readable again, never lost.
         self.dm.arm_poll().map_err(dm_err("arm dm event poll"))?;
-        let nr = self.event_nr()?.unwrap_or(0);
+        let nr = self.event_nr()?;
         let mut last = self.last.lock();
         let new = nr.wrapping_sub(*last);
         *last = nr;
