@@ -408,6 +408,19 @@ fn crash_case(
     op: fn(&Path),
     check: fn(&mut TestPool),
 ) {
+    crash_case_then(test, failpoint, setup, op, false, check)
+}
+
+/// [`crash_case`], with `reboot`: after the crash, everything the kernel held for the pool
+/// (devices, mounts, loop devices) is removed before the pool is reopened, as a reboot would.
+fn crash_case_then(
+    test: &str,
+    failpoint: &str,
+    setup: Option<fn(&mut TestPool)>,
+    op: fn(&Path),
+    reboot: bool,
+    check: fn(&mut TestPool),
+) {
     if let Some(root) = std::env::var_os("THINPOOL_CRASH_CHILD") {
         op(Path::new(&root));
         panic!("failpoint {failpoint} did not fire");
@@ -431,6 +444,13 @@ fn crash_case(
         Some(libc::SIGABRT),
         "child did not die at {failpoint}: {status}"
     );
+    if reboot {
+        let store = thinpool::store::Store::open(&root.join("pool.redb")).unwrap();
+        let settings = store.read(|r| r.settings()).unwrap();
+        drop(store);
+        thinpool::backend::scrub(&thinpool::backend::PoolPaths::new(&root), &settings)
+            .expect("remove the crashed pool's kernel objects");
+    }
     let mut tp = TestPool::open(&spec);
     check(&mut tp);
     tp.assert_audit_clean();
@@ -1237,6 +1257,18 @@ fn crash_grow_after_file() {
         "grow:after_file",
         Some(setup_victim),
         op_grow,
+        check_grown,
+    );
+}
+
+#[test]
+fn crash_grow_after_file_then_reboot() {
+    crash_case_then(
+        "crash_grow_after_file_then_reboot",
+        "grow:after_file",
+        Some(setup_victim),
+        op_grow,
+        true, // dm: the pool is created at the file's length; reflink: the XFS grown at open
         check_grown,
     );
 }
