@@ -1262,9 +1262,9 @@ fn crash_grow_after_file() {
 }
 
 #[test]
-fn crash_grow_after_file_then_reboot() {
+fn crash_grow_after_file_and_power_loss() {
     crash_case_then(
-        "crash_grow_after_file_then_reboot",
+        "crash_grow_after_file_and_power_loss",
         "grow:after_file",
         Some(setup_victim),
         op_grow,
