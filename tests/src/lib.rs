@@ -213,3 +213,73 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).expect("stat").blocks() * 512
 }
+
+/// What [`fill`] wrote before it stopped.
+#[derive(Debug)]
+pub struct Filled {
+    /// File name and SHA-256 of every file whose write and fsync succeeded.
+    pub files: Vec<(String, String)>,
+    /// The error that stopped the writer; `None` if it reached its limit.
+    pub error: Option<std::io::Error>,
+    /// Time from the last successful fsync to the error: how promptly a full pool fails.
+    pub failed_after: std::time::Duration,
+}
+
+/// Size of each file [`fill`] writes.
+pub const FILL_FILE: usize = 4 << 20;
+
+/// Writes files `<prefix><n>` of [`FILL_FILE`] pseudo-random bytes into `dir`, each synced,
+/// until a write or fsync fails or `limit` bytes are written, on a thread; waits at most
+/// `deadline` for it (a writer hung on a full pool fails the test instead of hanging it).
+pub fn fill(dir: &Path, prefix: &str, limit: Bytes, deadline: std::time::Duration) -> Filled {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        let mut files = Vec::new();
+        let mut last_ok = std::time::Instant::now();
+        let mut written = 0u64;
+        let mut n = 0u64;
+        let error = loop {
+            if written >= limit.0 {
+                break None;
+            }
+            let name = format!("{prefix}{n}");
+            // Distinct contents per prefix and file, so a misplaced block shows.
+            let seed = prefix
+                .bytes()
+                .fold(n, |h, b| h.wrapping_mul(31).wrapping_add(b.into()) << 1);
+            let data = pattern(seed, FILL_FILE);
+            let wrote = File::create(dir.join(&name))
+                .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+            match wrote {
+                Ok(()) => {
+                    files.push((name, sha256_hex(&data)));
+                    last_ok = std::time::Instant::now();
+                    written += data.len() as u64;
+                    n += 1;
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        let _ = tx.send(Filled {
+            files,
+            error,
+            failed_after: last_ok.elapsed(),
+        });
+    });
+    rx.recv_timeout(deadline)
+        .unwrap_or_else(|_| panic!("the writer hung: no result within {deadline:?}"))
+}
+
+/// Asserts every file in `files` under `dir` has its checksum.
+pub fn verify_files(dir: &Path, files: &[(String, String)]) {
+    for (file, sum) in files {
+        assert_eq!(
+            &sha256_hex(&read_file(&dir.join(file))),
+            sum,
+            "{file} in {}",
+            dir.display()
+        );
+    }
+}

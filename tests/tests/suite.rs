@@ -6,9 +6,12 @@ use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use thinpool::{
-    Bytes, DeviceKind, Error, Pool, PoolSettings, PoolSpec, RemoveOptions, SnapshotRequest,
+    AsyncPool, AutoextendPolicy, BackendKind, Bytes, DataBlocks, DeviceKind, Error, GrowRequest,
+    Percent, Pool, PoolMode, PoolSettings, PoolSpec, RemoveOptions, SizeChange, SnapshotRequest,
 };
 use thinpool_tests::*;
 
@@ -405,6 +408,19 @@ fn crash_case(
     op: fn(&Path),
     check: fn(&mut TestPool),
 ) {
+    crash_case_then(test, failpoint, setup, op, false, check)
+}
+
+/// [`crash_case`], with `reboot`: after the crash, everything the kernel held for the pool
+/// (devices, mounts, loop devices) is removed before the pool is reopened, as a reboot would.
+fn crash_case_then(
+    test: &str,
+    failpoint: &str,
+    setup: Option<fn(&mut TestPool)>,
+    op: fn(&Path),
+    reboot: bool,
+    check: fn(&mut TestPool),
+) {
     if let Some(root) = std::env::var_os("THINPOOL_CRASH_CHILD") {
         op(Path::new(&root));
         panic!("failpoint {failpoint} did not fire");
@@ -428,6 +444,13 @@ fn crash_case(
         Some(libc::SIGABRT),
         "child did not die at {failpoint}: {status}"
     );
+    if reboot {
+        let store = thinpool::store::Store::open(&root.join("pool.redb")).unwrap();
+        let settings = store.read(|r| r.settings()).unwrap();
+        drop(store);
+        thinpool::backend::scrub(&thinpool::backend::PoolPaths::new(&root), &settings)
+            .expect("remove the crashed pool's kernel objects");
+    }
     let mut tp = TestPool::open(&spec);
     check(&mut tp);
     tp.assert_audit_clean();
@@ -854,4 +877,573 @@ fn auto_backend_picks_what_the_host_supports() {
     println!("auto picked {kind}: {why}");
     assert_eq!(kind, backend(), "{why}");
     assert!(!why.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// Space: growing the pool, the free-space guard, autoextension.
+
+/// A 512 MiB pool (reflink's XFS needs at least 300 MiB) whose base device, 1 GiB, is larger
+/// than the pool, so that one device can fill it.
+fn space_spec(root: &Path) -> PoolSpec {
+    PoolSpec {
+        data_size: Some(Bytes::mib(512)),
+        base_size: Some(Bytes::gib(1)),
+        ..small_spec(root)
+    }
+}
+
+fn grow_data(change: SizeChange) -> GrowRequest {
+    GrowRequest {
+        data: Some(change),
+        ..GrowRequest::default()
+    }
+}
+
+/// `e2fsck -f -y` on a device: a filesystem whose pool filled under it saw write errors
+/// (ext4 aborts its journal); after the grow, the check replays the journal and repairs
+/// what the failed writes left, as an operator would. 0 or 1 (errors fixed) is fine.
+fn fsck(dev: &Path) {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(dev)
+        .output()
+        .expect("run e2fsck");
+    let code = out.status.code();
+    println!(
+        "e2fsck exit {code:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        matches!(code, Some(0 | 1)),
+        "e2fsck failed: {:?}",
+        out.status
+    );
+}
+
+/// Fill a pool from a mounted device until writes fail; the failure is prompt (dm:
+/// error_if_no_space; reflink: the XFS's ENOSPC), the guard refuses new snapshots, a grow
+/// brings the pool back to rw, and everything synced before the pool filled is intact.
+#[test]
+fn grow_full_pool_keeps_data_and_takes_new_writes() {
+    let mut tp = TestPool::open(&space_spec(&pool_dir("grow-full", false)));
+    let st = tp.pool().status().unwrap();
+    assert!(st.kernel.error_if_no_space, "{st:?}");
+    assert_eq!(st.kernel.mode, PoolMode::Rw);
+    tp.pool()
+        .snapshot(request("ctr", None, DeviceKind::Active))
+        .unwrap();
+    let dev = tp.pool().activate(&name("ctr")).unwrap().source;
+    let dir = tp.mount("ctr");
+
+    let before = fill(&dir, "a", Bytes::gib(1), Duration::from_secs(900));
+    let err = before
+        .error
+        .as_ref()
+        .expect("1 GiB written into a 512 MiB pool without an error");
+    println!(
+        "pool full after {} files; {err} came {:?} after the last good fsync",
+        before.files.len(),
+        before.failed_after
+    );
+    assert!(
+        before.failed_after < Duration::from_secs(30),
+        "the write failed only after {:?}: writes queued on the full pool",
+        before.failed_after
+    );
+    assert!(
+        before.files.len() >= 60,
+        "only {} files",
+        before.files.len()
+    );
+    let st = tp.pool().status().unwrap();
+    assert_eq!(st.kernel.mode, PoolMode::OutOfDataSpace, "{st:?}");
+
+    // The guard refuses new devices on the full pool and says how to grow it.
+    for kind in [DeviceKind::Active, DeviceKind::View] {
+        let e = tp
+            .pool()
+            .snapshot(request("refused", None, kind))
+            .unwrap_err();
+        assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+        assert!(e.to_string().contains("thinctl pool grow --data"), "{e}");
+    }
+    assert!(
+        tp.pool()
+            .devices()
+            .unwrap()
+            .iter()
+            .all(|d| d.name.as_ref().map(|n| n.as_str()) != Some("refused"))
+    );
+
+    // Grow while the device is still mounted.
+    let outcome = tp
+        .pool()
+        .grow(grow_data(SizeChange::By(Bytes::mib(512))))
+        .expect("grow");
+    assert_eq!(outcome.before.data, Bytes::mib(512));
+    assert_eq!(outcome.after.data, Bytes::gib(1));
+    assert_eq!(outcome.after.metadata, outcome.before.metadata);
+    let st = tp.pool().status().unwrap();
+    assert_eq!(
+        st.kernel.mode,
+        PoolMode::Rw,
+        "rw again after the grow: {st:?}"
+    );
+    assert!(st.kernel.data_total > Bytes::mib(900), "{st:?}");
+    if backend() == BackendKind::Dm {
+        assert_eq!(st.kernel.data_total, Bytes::gib(1));
+    }
+    assert_eq!(tp.pool().settings().data_size, Bytes::gib(1));
+    assert_eq!(
+        fs::metadata(&tp.pool().paths().data_file).unwrap().len(),
+        Bytes::gib(1).0
+    );
+
+    // The filesystem saw write errors: unmount, check, mount, and everything synced before
+    // the pool filled is there.
+    tp.unmount(&dir);
+    fsck(&dev);
+    let dir = tp.mount("ctr");
+    verify_files(&dir, &before.files);
+    let after = fill(&dir, "b", Bytes::mib(64), Duration::from_secs(300));
+    assert!(after.error.is_none(), "write after grow: {:?}", after.error);
+    tp.unmount(&dir);
+    let dir = tp.mount("ctr");
+    verify_files(&dir, &before.files);
+    verify_files(&dir, &after.files);
+    tp.unmount(&dir);
+
+    // New devices are allowed again.
+    tp.pool()
+        .snapshot(request("after-grow", None, DeviceKind::Active))
+        .expect("snapshot after the grow");
+    let c = tp.pool().counters();
+    assert_eq!(c.guard_rejections, 2, "{c:?}");
+    assert_eq!(c.grows, 1, "{c:?}");
+    assert!(c.mode_changes >= 2, "rw -> out_of_data_space -> rw: {c:?}");
+    tp.assert_audit_clean();
+}
+
+/// Is `dir` on ext4 (whose 16 TiB file size limit makes a forced huge grow fail harmlessly)?
+fn on_ext4(dir: &Path) -> bool {
+    nix::sys::statfs::statfs(dir)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::EXT4_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+#[test]
+fn grow_refusals_are_clear_and_change_nothing() {
+    let tp = TestPool::open(&space_spec(&pool_dir("grow-refusals", false)));
+    let pool = tp.pool();
+    let total = pool.status().unwrap().kernel.data_total;
+    let expect_invalid = |req: GrowRequest, words: &str| {
+        let e = pool.grow(req).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{req:?}: {e}");
+        assert!(e.to_string().contains(words), "{req:?}: {e}");
+    };
+    expect_invalid(GrowRequest::default(), "nothing to grow");
+    expect_invalid(grow_data(SizeChange::To(Bytes::mib(256))), "never shrink");
+    expect_invalid(grow_data(SizeChange::To(Bytes::mib(512))), "never shrink");
+    expect_invalid(grow_data(SizeChange::By(Bytes::kib(4))), "block size");
+
+    // More than the host filesystem holds: refused, with the numbers.
+    let huge = grow_data(SizeChange::By(Bytes::tib(100)));
+    let e = pool.grow(huge).unwrap_err();
+    assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("100.0 TiB") && msg.contains("free") && msg.contains("force"),
+        "{msg}"
+    );
+    if on_ext4(&tp.root) {
+        // force skips that check; ext4 then refuses a file that large, cleanly.
+        let e = pool
+            .grow(GrowRequest {
+                force: true,
+                ..huge
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(e.to_string().contains("maximum file size"), "{e}");
+    }
+
+    // Metadata: dm grows it; reflink's is the XFS log, which cannot grow online.
+    let meta = GrowRequest {
+        metadata: Some(SizeChange::By(Bytes::mib(64))),
+        ..GrowRequest::default()
+    };
+    match backend() {
+        BackendKind::Reflink => {
+            let e = pool.grow(meta).unwrap_err();
+            assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+            assert!(e.to_string().contains("XFS log"), "{e}");
+        }
+        BackendKind::Dm => {
+            let out = pool.grow(meta).expect("grow metadata");
+            assert_eq!(out.after.metadata, Bytes::mib(128));
+            let st = pool.status().unwrap();
+            assert_eq!(st.kernel.metadata_total, Bytes::mib(128), "{st:?}");
+            assert_eq!(pool.settings().metadata_size, Bytes::mib(128));
+            expect_invalid(
+                GrowRequest {
+                    metadata: Some(SizeChange::To(Bytes::gib(17))),
+                    ..GrowRequest::default()
+                },
+                "maximum",
+            );
+        }
+    }
+
+    // None of the refusals changed the data size.
+    assert_eq!(pool.settings().data_size, Bytes::mib(512));
+    assert_eq!(
+        fs::metadata(&pool.paths().data_file).unwrap().len(),
+        Bytes::mib(512).0
+    );
+    assert_eq!(pool.status().unwrap().kernel.data_total, total);
+    tp.assert_audit_clean();
+}
+
+/// A grow while a device is mounted and written; the new size survives a daemon restart
+/// (devices still active and mounted) and a teardown (what a reboot removes), opened with the
+/// creation-time spec; a spec asking for more than the pool has is a conflict.
+#[test]
+fn grow_online_survives_restart_and_teardown() {
+    let mut tp = TestPool::open(&space_spec(&pool_dir("grow-restart", false)));
+    let spec = space_spec(&tp.root);
+    tp.pool()
+        .snapshot(request("ctr", None, DeviceKind::Active))
+        .unwrap();
+    let dir = tp.mount("ctr");
+    let one = fill(&dir, "one", Bytes::mib(32), Duration::from_secs(300));
+    assert!(one.error.is_none(), "{:?}", one.error);
+    tp.pool()
+        .grow(grow_data(SizeChange::By(Bytes::mib(256))))
+        .expect("grow while mounted");
+    let two = fill(&dir, "two", Bytes::mib(32), Duration::from_secs(300));
+    assert!(two.error.is_none(), "{:?}", two.error);
+    let grown = Bytes::mib(768);
+    let check = |pool: &Pool| {
+        assert_eq!(pool.settings().data_size, grown);
+        assert_eq!(
+            fs::metadata(&pool.paths().data_file).unwrap().len(),
+            grown.0
+        );
+        let st = pool.status().unwrap();
+        assert!(st.kernel.data_total > Bytes::mib(700), "{st:?}");
+        if backend() == BackendKind::Dm {
+            assert_eq!(st.kernel.data_total, grown, "{st:?}");
+        }
+    };
+    check(tp.pool());
+
+    // Daemon restart with the device mounted.
+    tp.pool.take().unwrap().close(false).unwrap();
+    tp.pool = Some(Pool::open(&spec).expect("reopen after grow, creation-time spec"));
+    check(tp.pool());
+    verify_files(&dir, &one.files);
+    verify_files(&dir, &two.files);
+    tp.unmount(&dir);
+
+    // Everything a reboot removes is gone; the pool is assembled from its files.
+    tp.close(true);
+    tp.reopen(&spec);
+    check(tp.pool());
+    let dir = tp.mount("ctr");
+    verify_files(&dir, &one.files);
+    verify_files(&dir, &two.files);
+    tp.unmount(&dir);
+    tp.close(false);
+
+    let mut bigger = spec.clone();
+    bigger.data_size = Some(Bytes::gib(1));
+    let e = Pool::open(&bigger)
+        .err()
+        .expect("a spec above the pool's size");
+    assert!(
+        matches!(
+            e,
+            Error::SettingConflict {
+                setting: "data_size",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("grow"), "{e}");
+    tp.reopen(&spec);
+    tp.assert_audit_clean();
+}
+
+/// Phase 1 grows a pool (a device mounted) and writes on both sides of the grow; phase 2,
+/// after a reboot (natively: a teardown), finds the new size and the data.
+#[test]
+fn reboot_keeps_grown_pool_size() {
+    let root = pool_dir("reboot-grow", true);
+    let spec = space_spec(&root);
+    let sums_file = root.join("checksums.json");
+    let phase = reboot_phase();
+    let grown = Bytes::mib(768);
+    if phase.is_none() || phase == Some(1) {
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let mut tp = TestPool::open(&spec);
+        tp.keep_dir();
+        tp.pool()
+            .snapshot(request("ctr", None, DeviceKind::Active))
+            .unwrap();
+        let dir = tp.mount("ctr");
+        let one = fill(&dir, "one", Bytes::mib(32), Duration::from_secs(300));
+        let out = tp
+            .pool()
+            .grow(grow_data(SizeChange::To(grown)))
+            .expect("grow");
+        assert_eq!(out.after.data, grown);
+        let two = fill(&dir, "two", Bytes::mib(32), Duration::from_secs(300));
+        assert!(
+            one.error.is_none() && two.error.is_none(),
+            "{one:?} {two:?}"
+        );
+        tp.unmount(&dir);
+        let files: Vec<_> = one.files.into_iter().chain(two.files).collect();
+        fs::write(&sums_file, serde_json::to_vec(&files).unwrap()).unwrap();
+        tp.close(phase.is_none());
+        if phase == Some(1) {
+            return;
+        }
+    }
+    let files: Vec<(String, String)> =
+        serde_json::from_slice(&fs::read(&sums_file).expect("phase 1 left checksums")).unwrap();
+    let mut tp = TestPool::open(&spec);
+    assert_eq!(tp.pool().settings().data_size, grown);
+    let st = tp.pool().status().unwrap();
+    assert!(st.kernel.data_total > Bytes::mib(700), "{st:?}");
+    if backend() == BackendKind::Dm {
+        assert_eq!(st.kernel.data_total, grown, "{st:?}");
+    }
+    assert_eq!(st.kernel.mode, PoolMode::Rw);
+    let dir = tp.mount("ctr");
+    verify_files(&dir, &files);
+    let more = fill(&dir, "three", Bytes::mib(32), Duration::from_secs(300));
+    assert!(more.error.is_none(), "{more:?}");
+    tp.unmount(&dir);
+    tp.assert_audit_clean();
+}
+
+fn op_grow(root: &Path) {
+    child_pool(root)
+        .grow(grow_data(SizeChange::By(Bytes::gib(1))))
+        .unwrap();
+}
+
+/// After a crash mid-grow, open finishes the grow: the pool has the new size in the kernel
+/// and in our records, and works.
+fn check_grown(tp: &mut TestPool) {
+    let grown = Bytes::gib(5); // small_spec's 4 GiB + 1 GiB
+    assert_eq!(tp.pool().settings().data_size, grown);
+    let st = tp.pool().status().unwrap();
+    assert!(st.kernel.data_total > Bytes::gib(4), "{st:?}");
+    if backend() == BackendKind::Dm {
+        assert_eq!(st.kernel.data_total, grown, "{st:?}");
+    }
+    check_pool_usable(tp);
+}
+
+#[test]
+fn crash_grow_after_file() {
+    crash_case(
+        "crash_grow_after_file",
+        "grow:after_file",
+        Some(setup_victim),
+        op_grow,
+        check_grown,
+    );
+}
+
+#[test]
+fn crash_grow_after_file_and_power_loss() {
+    crash_case_then(
+        "crash_grow_after_file_and_power_loss",
+        "grow:after_file",
+        Some(setup_victim),
+        op_grow,
+        true, // dm: the pool is created at the file's length; reflink: the XFS grown at open
+        check_grown,
+    );
+}
+
+#[test]
+fn crash_grow_after_kernel() {
+    crash_case(
+        "crash_grow_after_kernel",
+        "grow:after_kernel",
+        Some(setup_victim),
+        op_grow,
+        check_grown,
+    );
+}
+
+/// With min_free_space at 50%, a half-full pool refuses snapshots; the setting can be
+/// changed on reopen, and with the guard off the same snapshot is made.
+#[test]
+fn guard_refuses_snapshots_below_min_free_space() {
+    let root = pool_dir("guard", false);
+    let mut spec = space_spec(&root);
+    spec.min_free_space = Some(Percent(50));
+    let mut tp = TestPool::open(&spec);
+    tp.pool()
+        .snapshot(request("ctr", None, DeviceKind::Active))
+        .expect("an empty pool is above the guard");
+    let dir = tp.mount("ctr");
+    let filled = fill(&dir, "f", Bytes::mib(300), Duration::from_secs(600));
+    assert!(filled.error.is_none(), "{filled:?}");
+    tp.unmount(&dir);
+    let st = tp.pool().status().unwrap();
+    assert!(
+        st.kernel.data_used.0 * 2 > st.kernel.data_total.0,
+        "the pool should be more than half full: {st:?}"
+    );
+    for kind in [DeviceKind::Active, DeviceKind::View] {
+        let e = tp.pool().snapshot(request("new", None, kind)).unwrap_err();
+        assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("50%") && msg.contains("thinctl pool grow --data +SIZE"),
+            "{msg}"
+        );
+    }
+    assert_eq!(tp.pool().counters().guard_rejections, 2);
+    tp.assert_audit_clean();
+
+    spec.min_free_space = Some(Percent(0));
+    tp.reopen(&spec);
+    assert_eq!(tp.pool().settings().min_free_space, Percent(0));
+    tp.pool()
+        .snapshot(request("new", None, DeviceKind::Active))
+        .expect("the guard is off");
+    tp.assert_audit_clean();
+}
+
+/// With autoextend at 70%, writing past 70% makes the pool grow by itself: on dm through the
+/// kernel's low-water-mark event alone (the monitor's poll period is longer than the test),
+/// on reflink through the poll. The low water mark follows the threshold.
+#[test]
+fn autoextend_grows_pool_past_threshold() {
+    let root = pool_dir("autoextend", false);
+    let policy = AutoextendPolicy {
+        threshold: Percent(70),
+        percent: Percent(20),
+        max: Some(Bytes::gib(2)),
+    };
+    let spec = PoolSpec {
+        autoextend_data: Some(policy),
+        ..space_spec(&root)
+    };
+    let mut tp = TestPool::open(&spec);
+    let size = Bytes::mib(512);
+    let st = tp.pool().status().unwrap();
+    let bs = st.block_size;
+    let lwm = |total: Bytes| policy.low_water_mark(DataBlocks(total.0 / bs.0)).bytes(bs);
+    assert_eq!(
+        st.kernel.low_water_mark,
+        lwm(st.kernel.data_total),
+        "{st:?}"
+    );
+    tp.pool()
+        .snapshot(request("ctr", None, DeviceKind::Active))
+        .unwrap();
+    let dir = tp.mount("ctr");
+
+    let engine = Arc::new(tp.pool.take().unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let period = match backend() {
+        BackendKind::Dm => Duration::from_secs(3600),
+        BackendKind::Reflink => Duration::from_secs(1),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let monitor = rt.spawn(thinpool::run_autoextend(
+        AsyncPool::from_engine(engine.clone()),
+        period,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    // Write up to 75% (past the threshold, short of full), then wait for the grow: at most a
+    // minute after usage was seen above the threshold.
+    let mut files = Vec::new();
+    let start = Instant::now();
+    let mut crossed: Option<Instant> = None;
+    let grown = loop {
+        if engine.settings().data_size > size {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(600)
+            || crossed.is_some_and(|t| t.elapsed() > Duration::from_secs(60))
+        {
+            break false;
+        }
+        let st = engine.status().unwrap().kernel;
+        if crossed.is_none() && st.data_used.0 * 100 > st.data_total.0 * 70 {
+            crossed = Some(Instant::now());
+        }
+        if st.data_used.0 * 100 < st.data_total.0 * 75 {
+            let f = fill(
+                &dir,
+                &format!("f{}-", files.len()),
+                Bytes(FILL_FILE as u64),
+                Duration::from_secs(120),
+            );
+            assert!(f.error.is_none(), "{f:?}");
+            files.extend(f.files);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let waited = crossed.map(|t| t.elapsed());
+    stop.send(()).unwrap();
+    rt.block_on(monitor).unwrap();
+    drop(rt);
+    tp.pool = Some(Arc::try_unwrap(engine).unwrap_or_else(|_| panic!("the monitor kept the pool")));
+    assert!(
+        grown,
+        "the pool did not autoextend ({waited:?} after crossing 70%)"
+    );
+    println!("autoextended {waited:?} after usage was seen above 70%");
+
+    let pool = tp.pool();
+    let c = pool.counters();
+    assert!(c.autoextends >= 1 && c.grows == c.autoextends, "{c:?}");
+    assert_eq!(c.autoextend_failures, 0, "{c:?}");
+    if backend() == BackendKind::Dm {
+        assert!(
+            c.pool_events >= 1,
+            "the low-water event woke the monitor: {c:?}"
+        );
+    }
+    let new = pool.settings().data_size;
+    assert!(
+        new >= Bytes(size.0 + Percent(20).of(size).0),
+        "grew by at least 20%: {new}"
+    );
+    assert!(new <= Bytes::gib(2) && new.0.is_multiple_of(bs.0), "{new}");
+    let st = pool.status().unwrap();
+    assert_eq!(st.kernel.mode, PoolMode::Rw);
+    assert!(
+        st.kernel.data_used.0 * 100 <= st.kernel.data_total.0 * 70,
+        "under the threshold again: {st:?}"
+    );
+    assert_eq!(
+        st.kernel.low_water_mark,
+        lwm(st.kernel.data_total),
+        "recomputed: {st:?}"
+    );
+    verify_files(&dir, &files);
+    tp.unmount(&dir);
+    tp.assert_audit_clean();
 }

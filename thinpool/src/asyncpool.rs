@@ -7,7 +7,10 @@ use std::sync::Arc;
 use crate::engine::{Pool, RemoveOptions, SnapshotRequest};
 use crate::error::{Error, Result};
 use crate::ids::DeviceName;
-use crate::model::{AuditReport, DeviceRecord, MountSpec, PoolSpec, PoolStatus};
+use crate::model::{
+    AuditReport, DeviceRecord, GrowOutcome, GrowRequest, MountSpec, PoolCounters, PoolSpec,
+    PoolStatus,
+};
 use crate::units::Bytes;
 
 /// A shareable handle to an open pool whose methods are async.
@@ -28,6 +31,11 @@ impl AsyncPool {
         Ok(AsyncPool {
             pool: Arc::new(pool),
         })
+    }
+
+    /// Shares an engine opened elsewhere.
+    pub fn from_engine(pool: Arc<Pool>) -> AsyncPool {
+        AsyncPool { pool }
     }
 
     /// The blocking engine, for callers already on a blocking thread.
@@ -112,6 +120,26 @@ impl AsyncPool {
     pub async fn status(&self) -> Result<PoolStatus> {
         let p = self.pool.clone();
         blocking(move || p.status()).await
+    }
+
+    pub async fn grow(&self, req: GrowRequest) -> Result<GrowOutcome> {
+        let p = self.pool.clone();
+        blocking(move || p.grow(req)).await
+    }
+
+    pub async fn autoextend_check(&self) -> Result<Option<GrowOutcome>> {
+        let p = self.pool.clone();
+        blocking(move || p.autoextend_check()).await
+    }
+
+    pub async fn take_events(&self) -> Result<bool> {
+        let p = self.pool.clone();
+        blocking(move || p.take_events()).await
+    }
+
+    /// Reads atomics only; does not block.
+    pub fn counters(&self) -> PoolCounters {
+        self.pool.counters()
     }
 
     pub async fn audit(&self) -> Result<AuditReport> {

@@ -11,28 +11,37 @@
 //!
 //! Concurrency: the store admits one writer at a time, but its transactions are short and
 //! hold no kernel call. Kernel calls hold only the lock of the device they touch (a snapshot
-//! also holds its origin's), so operations on different devices run in parallel.
+//! also holds its origin's), so operations on different devices run in parallel. Grows
+//! (manual and automatic) are serialised with each other by one lock that nothing else takes.
+//!
+//! Space: a grow extends the pool files online ([`Pool::grow`]); the `min_free_space` guard
+//! refuses new snapshots on a nearly full pool; [`Pool::autoextend_check`], which
+//! [`crate::run_autoextend`] calls on kernel events and periodically, grows the pool by its
+//! autoextend policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::backend::{self, Backend, PoolPaths};
+use crate::backend::{self, Backend, PoolEvents, PoolPaths};
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil;
 use crate::ids::{self, DeviceName, ThinId};
+use crate::loopback;
 use crate::model::{
-    AuditReport, BackendKind, DeviceKind, DeviceRecord, DeviceState, FsType, MountSpec,
-    PoolSettings, PoolSpec, PoolStatus,
+    AuditReport, AutoextendPolicy, BackendKind, BackendStatus, DeviceKind, DeviceRecord,
+    DeviceState, FsType, GrowOutcome, GrowRequest, MountSpec, PoolCounters, PoolMode, PoolSettings,
+    PoolSize, PoolSpec, PoolStatus, SizeChange,
 };
 use crate::store::{BaseDevice, PoolState, Store};
-use crate::units::Bytes;
+use crate::units::{Bytes, DataBlocks};
 
 /// What [`Pool::snapshot`] makes.
 #[derive(Clone, Debug)]
@@ -68,8 +77,53 @@ pub struct Pool {
     store: Store,
     backend: Box<dyn Backend>,
     locks: DeviceLocks,
+    /// Serialises grows (manual and automatic) with each other; nothing else takes it.
+    grow_lock: Mutex<()>,
+    counters: Counters,
+    space: Mutex<SpaceState>,
+    /// The pool's kernel events (dm), for the space monitor.
+    events: Option<Box<dyn PoolEvents>>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
+}
+
+/// The engine's counters; see [`PoolCounters`].
+#[derive(Default)]
+struct Counters {
+    grows: AtomicU64,
+    autoextends: AtomicU64,
+    autoextend_failures: AtomicU64,
+    guard_rejections: AtomicU64,
+    pool_events: AtomicU64,
+    mode_changes: AtomicU64,
+}
+
+impl Counters {
+    fn bump(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> PoolCounters {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PoolCounters {
+            grows: r(&self.grows),
+            autoextends: r(&self.autoextends),
+            autoextend_failures: r(&self.autoextend_failures),
+            guard_rejections: r(&self.guard_rejections),
+            pool_events: r(&self.pool_events),
+            mode_changes: r(&self.mode_changes),
+        }
+    }
+}
+
+/// What the space checks remember between calls, so that they log changes, not states.
+#[derive(Default)]
+struct SpaceState {
+    /// The pool mode last seen.
+    mode: Option<PoolMode>,
+    /// An autoextension of data (0) or metadata (1) is due but could not happen; warned
+    /// about once until it clears.
+    blocked: [bool; 2],
 }
 
 impl Pool {
@@ -115,14 +169,7 @@ impl Pool {
         let store = Store::create(&paths.store_file, &settings)?;
         failpoint::hit("pool_create:after_store");
         let backend = backend::create(&paths, &settings)?;
-        let pool = Pool {
-            paths,
-            settings: Mutex::new(settings.clone()),
-            store,
-            backend,
-            locks: DeviceLocks::default(),
-            _lock: lock,
-        };
+        let pool = Pool::new(paths, settings.clone(), store, backend, lock)?;
         let base_id = pool.store.write(|w| w.allocate_id())?;
         let txn = pool.backend.create_thin(base_id, settings.base_size)?;
         let dev = pool.backend.activate(base_id, settings.base_size, false)?;
@@ -180,23 +227,121 @@ impl Pool {
             settings.mount_options = v.clone();
             changed = true;
         }
+        if let Some(v) = spec
+            .min_free_space
+            .filter(|v| *v != settings.min_free_space)
+        {
+            settings.min_free_space = v;
+            changed = true;
+        }
+        if let Some(v) = spec
+            .autoextend_data
+            .filter(|v| *v != settings.autoextend_data)
+        {
+            settings.autoextend_data = v;
+            changed = true;
+        }
+        if let Some(v) = spec
+            .autoextend_metadata
+            .filter(|v| *v != settings.autoextend_metadata)
+        {
+            settings.autoextend_metadata = v;
+            changed = true;
+        }
         if changed {
+            check_space_settings(&settings)?;
             store.write(|w| w.set_settings(&settings))?;
         }
         info!(root = %paths.root.display(), backend = %settings.backend, "opening pool");
         let backend = backend::open(&paths, &settings)?;
-        let pool = Pool {
+        let pool = Pool::new(paths, settings, store, backend, lock)?;
+        pool.finish_interrupted_grow()?;
+        pool.check_transaction_id()?;
+        pool.verify_base()?;
+        pool.reconcile()?;
+        Ok(pool)
+    }
+
+    fn new(
+        paths: PoolPaths,
+        settings: PoolSettings,
+        store: Store,
+        backend: Box<dyn Backend>,
+        lock: File,
+    ) -> Result<Pool> {
+        if settings.autoextend_metadata.enabled() && !backend.metadata_grows() {
+            warn!(backend = %settings.backend,
+                "metadata autoextend is ignored: this backend's metadata cannot grow");
+        }
+        let events = backend.events()?;
+        Ok(Pool {
             paths,
             settings: Mutex::new(settings),
             store,
             backend,
             locks: DeviceLocks::default(),
+            grow_lock: Mutex::new(()),
+            counters: Counters::default(),
+            space: Mutex::new(SpaceState::default()),
+            events,
             _lock: lock,
-        };
-        pool.check_transaction_id()?;
-        pool.verify_base()?;
-        pool.reconcile()?;
-        Ok(pool)
+        })
+    }
+
+    /// Finishes a grow that a crash interrupted. A grow extends the pool file first (the
+    /// durable step: the backend assembles the pool from the files' sizes), then the kernel,
+    /// then our record of the size; so a file longer than the record is a grow to finish,
+    /// and one shorter is damage.
+    fn finish_interrupted_grow(&self) -> Result<()> {
+        let s = self.settings();
+        let data = Bytes(loopback::file_len(&self.paths.data_file)?);
+        let metadata = Bytes(loopback::file_len(&self.paths.metadata_file)?);
+        for (what, file, len, recorded) in [
+            ("data", &self.paths.data_file, data, s.data_size),
+            (
+                "metadata",
+                &self.paths.metadata_file,
+                metadata,
+                s.metadata_size,
+            ),
+        ] {
+            if len < recorded {
+                return Err(Error::Inconsistent(format!(
+                    "the pool's {what} file {} is {len}, but the pool is {recorded}: was it \
+                     truncated?",
+                    file.display()
+                )));
+            }
+        }
+        if data > s.data_size {
+            warn!(recorded = %s.data_size, file = %data, "finishing an interrupted grow of the data");
+            let blocks = DataBlocks(data.0 / s.block_size.0);
+            self.backend.grow_data(data, s.low_water_mark(blocks))?;
+            self.record_settings(|s| s.data_size = data)?;
+        }
+        if metadata > s.metadata_size {
+            if self.backend.metadata_grows() {
+                warn!(recorded = %s.metadata_size, file = %metadata,
+                    "finishing an interrupted grow of the metadata");
+                self.backend.grow_metadata(metadata)?;
+                self.record_settings(|s| s.metadata_size = metadata)?;
+            } else {
+                warn!(recorded = %s.metadata_size, file = %metadata,
+                    "the metadata file is longer than the pool uses; the rest stays unused");
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the settings durably, then in memory.
+    fn record_settings(&self, change: impl FnOnce(&mut PoolSettings)) -> Result<()> {
+        // Held across the (short) store write so memory and store never disagree.
+        let mut cur = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = cur.clone();
+        change(&mut next);
+        self.store.write(|w| w.set_settings(&next))?;
+        *cur = next;
+        Ok(())
     }
 
     /// The backend's transaction id may be ahead of ours (changes made before a crash, not
@@ -376,7 +521,8 @@ impl Pool {
     /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
-    /// `InvalidArgument` for a bad kind or a size below the parent's.
+    /// `InvalidArgument` for a bad kind or a size below the parent's, `ResourceExhausted`
+    /// while the pool's free space is below `min_free_space` (the message says how to grow).
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
         if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
             return Err(Error::InvalidArgument(format!(
@@ -393,6 +539,7 @@ impl Pool {
                 size.0
             )));
         }
+        self.check_free_space()?;
         let base = self.base()?;
         let now = now_ns();
         // 1. Intent: the record, in Creating.
@@ -729,6 +876,7 @@ impl Pool {
     pub fn status(&self) -> Result<PoolStatus> {
         let settings = self.settings();
         let kernel = self.backend.status()?;
+        self.observe(&kernel);
         let devices = self.store.read(|r| r.device_count())? as usize;
         Ok(PoolStatus {
             backend: settings.backend,
@@ -740,6 +888,306 @@ impl Pool {
             data_file: self.paths.data_file.clone(),
             metadata_file: self.paths.metadata_file.clone(),
         })
+    }
+
+    /// The `min_free_space` guard: fails with `ResourceExhausted`, saying how to grow the
+    /// pool, while free data space (or free metadata space, where it can run out) is below
+    /// the setting. Docker checks the same before every create.
+    fn check_free_space(&self) -> Result<()> {
+        let min = self.settings().min_free_space;
+        if min.0 == 0 {
+            return Ok(());
+        }
+        let st = self.backend.status()?;
+        self.observe(&st);
+        let mut checks = vec![("data", "--data", st.data_used, st.data_total)];
+        if self.backend.metadata_grows() {
+            checks.push((
+                "metadata",
+                "--metadata",
+                st.metadata_used,
+                st.metadata_total,
+            ));
+        }
+        for (what, flag, used, total) in checks {
+            let free = Bytes(total.0.saturating_sub(used.0));
+            let needed = min.of(total);
+            if free < needed {
+                Counters::bump(&self.counters.guard_rejections, 1);
+                return Err(Error::ResourceExhausted(format!(
+                    "the pool has {free} of {total} {what} space free, below the {min} \
+                     (min_free_space, {needed}) kept for the devices in use; grow the pool \
+                     (`thinctl pool grow {flag} +SIZE`) or remove devices"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Logs a change of the pool's mode (once per change, not per call) and counts it.
+    fn observe(&self, st: &BackendStatus) {
+        let mut space = self.space.lock().unwrap_or_else(|p| p.into_inner());
+        let old = space.mode.replace(st.mode);
+        if old == Some(st.mode) {
+            return;
+        }
+        if old.is_some() {
+            Counters::bump(&self.counters.mode_changes, 1);
+        }
+        let from = old
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        match st.mode {
+            PoolMode::Rw if old.is_none() => {}
+            PoolMode::Rw => info!(%from, "the pool is read-write again"),
+            PoolMode::OutOfDataSpace => warn!(%from, data_used = %st.data_used,
+                data_total = %st.data_total,
+                "the pool is out of data space: writes to unallocated blocks fail; grow it \
+                 (thinctl pool grow --data +SIZE)"),
+            PoolMode::Ro => warn!(%from, metadata_used = %st.metadata_used,
+                metadata_total = %st.metadata_total,
+                "the pool is read-only (metadata full or failing): grow its metadata \
+                 (thinctl pool grow --metadata +SIZE), or check it if it needs a check"),
+            PoolMode::Fail => warn!(%from, needs_check = st.needs_check,
+                "the pool has FAILED: devices error out; it needs a check and repair"),
+        }
+    }
+
+    /// Grows the pool's data and/or metadata files, online: mounted devices keep working.
+    ///
+    /// Sizes are absolute or relative ([`SizeChange`]); data must stay a multiple of the block
+    /// size, metadata a multiple of 4 KiB and at most [`PoolSettings::MAX_METADATA_SIZE`].
+    ///
+    /// Errors: `InvalidArgument` for no size, a size not above the current one (pools never
+    /// shrink) or a misaligned one; `FailedPrecondition` when the pool needs a check or has
+    /// failed, or for metadata on reflink (its metadata is the XFS log, which cannot grow
+    /// online); `ResourceExhausted` when the host filesystem holding the files has less free
+    /// space than the grown files could take, unless `req.force`.
+    ///
+    /// Crash safety: each file is extended (and synced) before the kernel is told, and the
+    /// new size is recorded after; the backend assembles the pool from the files' sizes, and
+    /// open finishes a grow whose record is missing. Data grows before metadata: when the
+    /// metadata step fails, the data stays grown (and recorded) and the error is returned.
+    pub fn grow(&self, req: GrowRequest) -> Result<GrowOutcome> {
+        let _grow = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.grow_locked(&req)
+    }
+
+    /// [`Pool::grow`]; the caller holds `grow_lock`.
+    fn grow_locked(&self, req: &GrowRequest) -> Result<GrowOutcome> {
+        let settings = self.settings();
+        let before = PoolSize {
+            data: settings.data_size,
+            metadata: settings.metadata_size,
+        };
+        let after = plan_grow(&settings, req, self.backend.metadata_grows())?;
+        let st = self.backend.status()?;
+        self.observe(&st);
+        if st.needs_check || st.mode == PoolMode::Fail {
+            return Err(Error::FailedPrecondition(format!(
+                "the pool is {}{}: it must be checked and repaired before it can grow \
+                 (restart thinpoold, which runs the check)",
+                st.mode,
+                if st.needs_check {
+                    " and needs a check"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if !req.force {
+            self.check_host_room(before, after)?;
+        }
+        info!(data = %before.data, to_data = %after.data, metadata = %before.metadata,
+            to_metadata = %after.metadata, force = req.force, "growing the pool");
+        if after.data > before.data {
+            let blocks = DataBlocks(after.data.0 / settings.block_size.0);
+            self.backend
+                .grow_data(after.data, settings.low_water_mark(blocks))?;
+            failpoint::hit("grow:after_kernel");
+            self.record_settings(|s| s.data_size = after.data)?;
+        }
+        if after.metadata > before.metadata {
+            if let Err(e) = self.backend.grow_metadata(after.metadata) {
+                if after.data > before.data {
+                    warn!(data = %after.data, error = %e,
+                        "the data grew, but growing the metadata failed");
+                }
+                return Err(e);
+            }
+            failpoint::hit("grow:after_kernel");
+            self.record_settings(|s| s.metadata_size = after.metadata)?;
+        }
+        Counters::bump(&self.counters.grows, 1);
+        self.observe(&self.backend.status()?);
+        info!(data = %after.data, metadata = %after.metadata, "pool grown");
+        Ok(GrowOutcome { before, after })
+    }
+
+    /// Refuses a grow whose files could need more than the host filesystem has free: each
+    /// file may come to take its whole new length.
+    fn check_host_room(&self, before: PoolSize, after: PoolSize) -> Result<()> {
+        let mut need = 0u64;
+        for (file, old, new) in [
+            (&self.paths.data_file, before.data, after.data),
+            (&self.paths.metadata_file, before.metadata, after.metadata),
+        ] {
+            if new > old {
+                need = need.saturating_add(new.0.saturating_sub(loopback::allocated(file)?));
+            }
+        }
+        let st = nix::sys::statvfs::statvfs(&self.paths.root)
+            .map_err(|e| Error::io("statfs", &self.paths.root, e.into()))?;
+        let free = Bytes(st.blocks_available().saturating_mul(st.fragment_size()));
+        host_has_room(&self.paths.root, Bytes(need), free)
+    }
+
+    /// One round of the space monitor: reads the pool's status, logs a mode change, and
+    /// grows the data and/or metadata when usage is above their autoextend threshold (by the
+    /// policy's step, up to its max). Returns what grew, if anything.
+    ///
+    /// Errors: the status cannot be read, or an autoextension was due and failed (no room on
+    /// the host, a kernel error). Those are counted (`autoextend_failures`), logged once
+    /// until they clear (a monitor calls this every few seconds), and retried next round.
+    /// Metadata is left alone where it cannot grow (reflink).
+    pub fn autoextend_check(&self) -> Result<Option<GrowOutcome>> {
+        let settings = self.settings();
+        let metadata_policy = if self.backend.metadata_grows() {
+            settings.autoextend_metadata
+        } else {
+            AutoextendPolicy::OFF
+        };
+        let st = self.backend.status()?;
+        self.observe(&st);
+        if !settings.autoextend_data.enabled() && !metadata_policy.enabled() {
+            return Ok(None);
+        }
+        if st.needs_check || st.mode == PoolMode::Fail {
+            return Ok(None); // observe() warned; growing is refused until repaired
+        }
+        let _grow = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // A grow may have finished while we waited for the lock.
+        let settings = self.settings();
+        let st = self.backend.status()?;
+        let metadata_cap = AutoextendPolicy {
+            max: Some(
+                metadata_policy
+                    .max
+                    .unwrap_or(PoolSettings::MAX_METADATA_SIZE)
+                    .min(PoolSettings::MAX_METADATA_SIZE),
+            ),
+            ..metadata_policy
+        };
+        let mut req = GrowRequest::default();
+        let mut due = [false; 2];
+        for (i, (policy, used, total, size, align)) in [
+            (
+                settings.autoextend_data,
+                st.data_used,
+                st.data_total,
+                settings.data_size,
+                settings.block_size,
+            ),
+            (
+                metadata_cap,
+                st.metadata_used,
+                st.metadata_total,
+                settings.metadata_size,
+                Bytes::kib(4),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // The backend's totals may be below the file sizes (reflink: XFS's own overhead);
+            // the policy works on the file size, with the usage ratio the backend reports.
+            let used = Bytes((used.0 as u128 * size.0 as u128 / total.0.max(1) as u128) as u64);
+            if !policy.exceeded(used, size) {
+                continue;
+            }
+            due[i] = true;
+            let what = ["data", "metadata"][i];
+            match policy.target(used, size, align) {
+                Some(to) => {
+                    info!(used = %used, size = %size, threshold = %policy.threshold, to = %to,
+                        "autoextend: {what} usage is above the threshold");
+                    if i == 0 {
+                        req.data = Some(SizeChange::To(to));
+                    } else {
+                        req.metadata = Some(SizeChange::To(to));
+                    }
+                }
+                None => {
+                    Counters::bump(&self.counters.autoextend_failures, 1);
+                    self.warn_blocked(i, || {
+                        warn!(used = %used, size = %size, max = ?policy.max,
+                            "autoextend: {what} usage is above the threshold, but the pool is \
+                             at the autoextend max; raise the max or grow it by hand")
+                    });
+                }
+            }
+        }
+        if req.data.is_none() && req.metadata.is_none() {
+            let mut space = self.space.lock().unwrap_or_else(|p| p.into_inner());
+            for (blocked, due) in space.blocked.iter_mut().zip(due) {
+                *blocked &= due;
+            }
+            return Ok(None);
+        }
+        match self.grow_locked(&req) {
+            Ok(outcome) => {
+                Counters::bump(&self.counters.autoextends, 1);
+                let mut space = self.space.lock().unwrap_or_else(|p| p.into_inner());
+                space.blocked = [false; 2];
+                drop(space);
+                info!(data = %outcome.after.data, metadata = %outcome.after.metadata,
+                    "autoextend: pool grown");
+                Ok(Some(outcome))
+            }
+            Err(e) => {
+                Counters::bump(&self.counters.autoextend_failures, 1);
+                let i = if req.data.is_some() { 0 } else { 1 };
+                self.warn_blocked(i, || warn!(error = %e, "autoextend failed; will retry"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `log` unless autoextension `i` (0 data, 1 metadata) was blocked already.
+    fn warn_blocked(&self, i: usize, log: impl FnOnce()) {
+        let mut space = self.space.lock().unwrap_or_else(|p| p.into_inner());
+        if !space.blocked[i] {
+            space.blocked[i] = true;
+            drop(space);
+            log();
+        } else {
+            debug!("autoextend still blocked");
+        }
+    }
+
+    /// The engine's counters since the pool was opened.
+    pub fn counters(&self) -> PoolCounters {
+        self.counters.read()
+    }
+
+    /// The descriptor that polls readable after kernel events (dm), for the space monitor;
+    /// `None`: the monitor only polls (reflink, or a kernel without dm event polling).
+    pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.events.as_ref().map(|e| e.fd())
+    }
+
+    /// After [`Pool::event_fd`] polled readable: re-arms it and returns whether the pool had
+    /// events since the last call (others' events wake it too). Blocks (ioctls).
+    pub fn take_events(&self) -> Result<bool> {
+        let Some(events) = &self.events else {
+            return Ok(false);
+        };
+        let n = events.take()?;
+        if n > 0 {
+            Counters::bump(&self.counters.pool_events, n.into());
+            debug!(events = n, "pool events");
+        }
+        Ok(n > 0)
     }
 
     /// Compares our records with the backend's own metadata.
@@ -868,8 +1316,14 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
             .unwrap_or_else(|| PoolSettings::default_mkfs_options(fs)),
         mount_options: spec.mount_options.clone().unwrap_or_default(),
         error_if_no_space: spec.error_if_no_space.unwrap_or(true),
+        min_free_space: spec
+            .min_free_space
+            .unwrap_or(PoolSettings::DEFAULT_MIN_FREE_SPACE),
+        autoextend_data: spec.autoextend_data.unwrap_or_default(),
+        autoextend_metadata: spec.autoextend_metadata.unwrap_or_default(),
         tag: random_tag(),
     };
+    check_space_settings(&s)?;
     let bs = s.block_size.0;
     if bs < Bytes::kib(64).0 || bs > Bytes::gib(1).0 || !bs.is_multiple_of(Bytes::kib(64).0) {
         return Err(Error::InvalidArgument(format!(
@@ -896,6 +1350,101 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
         )));
     }
     Ok(s)
+}
+
+/// Checks the settings of the space guard and autoextension.
+fn check_space_settings(s: &PoolSettings) -> Result<()> {
+    if s.min_free_space.0 > 50 {
+        return Err(Error::InvalidArgument(format!(
+            "min_free_space {}: must be 0% (off) to 50%",
+            s.min_free_space
+        )));
+    }
+    s.autoextend_data.validate("data")?;
+    s.autoextend_metadata.validate("metadata")?;
+    let a = s.autoextend_data;
+    if a.enabled() && 100 - a.threshold.0 < s.min_free_space.0 {
+        warn!(threshold = %a.threshold, min_free_space = %s.min_free_space,
+            "the data autoextend threshold is above what the free-space guard allows: \
+             snapshots will be refused before the pool autoextends");
+    }
+    Ok(())
+}
+
+/// The new sizes a grow request asks for, checked; see [`Pool::grow`] for the rules.
+fn plan_grow(s: &PoolSettings, req: &GrowRequest, metadata_grows: bool) -> Result<PoolSize> {
+    if req.data.is_none() && req.metadata.is_none() {
+        return Err(Error::InvalidArgument(
+            "nothing to grow: give a new data size, a new metadata size, or both".into(),
+        ));
+    }
+    let mut after = PoolSize {
+        data: s.data_size,
+        metadata: s.metadata_size,
+    };
+    if let Some(change) = req.data {
+        let new = change.apply(s.data_size)?;
+        if new <= s.data_size {
+            return Err(Error::InvalidArgument(format!(
+                "data size {new} ({change}) is not above the pool's {}: a pool can grow, \
+                 never shrink",
+                s.data_size
+            )));
+        }
+        if !new.0.is_multiple_of(s.block_size.0) {
+            return Err(Error::InvalidArgument(format!(
+                "data size {new} is not a multiple of the pool's block size {}",
+                s.block_size
+            )));
+        }
+        after.data = new;
+    }
+    if let Some(change) = req.metadata {
+        if !metadata_grows {
+            return Err(Error::FailedPrecondition(format!(
+                "the {} backend's metadata cannot grow: its metadata file holds the XFS log, \
+                 which cannot grow online and never fills up (it is circular); grow the data \
+                 only",
+                s.backend
+            )));
+        }
+        let new = change.apply(s.metadata_size)?;
+        if new <= s.metadata_size {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {new} ({change}) is not above the pool's {}: a pool can grow, \
+                 never shrink",
+                s.metadata_size
+            )));
+        }
+        if !new.0.is_multiple_of(4096) {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {new} is not a multiple of 4 KiB"
+            )));
+        }
+        if new > PoolSettings::MAX_METADATA_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "metadata size {new} is above dm-thin's maximum of {}; the kernel would not \
+                 use the rest",
+                PoolSettings::MAX_METADATA_SIZE
+            )));
+        }
+        after.metadata = new;
+    }
+    Ok(after)
+}
+
+/// Fails with `ResourceExhausted` when `need` (what grown files could take) is above `free`
+/// on the filesystem holding `dir`.
+fn host_has_room(dir: &Path, need: Bytes, free: Bytes) -> Result<()> {
+    if need > free {
+        return Err(Error::ResourceExhausted(format!(
+            "the grown pool files could take {need} more on the filesystem holding {}, which \
+             has {free} free; free space there, or grow with force to overcommit the host \
+             (the files are sparse: they take space only as the pool fills)",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// 8 hex digits from the kernel's random source, naming this pool's kernel objects.
@@ -928,11 +1477,125 @@ fn check_spec(spec: &PoolSpec, s: &PoolSettings) -> Result<()> {
             _ => Ok(()),
         }
     }
+    /// A size asked for at open may be below the pool's: it was the creation size, and the
+    /// pool has grown since. One above it would be a grow, which open does not do.
+    fn at_most(setting: &'static str, requested: &Option<Bytes>, on_disk: &Bytes) -> Result<()> {
+        match requested {
+            Some(r) if r > on_disk => Err(Error::SettingConflict {
+                setting,
+                on_disk: format!("{on_disk} ({} bytes)", on_disk.0),
+                requested: format!(
+                    "{r} ({} bytes; grow the pool to change its size: thinctl pool grow)",
+                    r.0
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
     conflict("backend", &spec.backend, &s.backend)?;
-    conflict("data_size", &spec.data_size, &s.data_size)?;
-    conflict("metadata_size", &spec.metadata_size, &s.metadata_size)?;
+    at_most("data_size", &spec.data_size, &s.data_size)?;
+    at_most("metadata_size", &spec.metadata_size, &s.metadata_size)?;
     conflict("block_size", &spec.block_size, &s.block_size)?;
     conflict("base_size", &spec.base_size, &s.base_size)?;
     conflict("fs", &spec.fs, &s.fs)?;
     conflict("mkfs_options", &spec.mkfs_options, &s.mkfs_options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(backend: BackendKind) -> PoolSettings {
+        settings_from_spec(&PoolSpec {
+            root: PathBuf::from("/nonexistent"),
+            backend: Some(backend),
+            data_size: Some(Bytes::mib(512)),
+            metadata_size: Some(Bytes::mib(64)),
+            ..PoolSpec::default()
+        })
+        .unwrap()
+    }
+
+    fn grow(data: Option<&str>, metadata: Option<&str>) -> GrowRequest {
+        GrowRequest {
+            data: data.map(|s| s.parse().unwrap()),
+            metadata: metadata.map(|s| s.parse().unwrap()),
+            force: false,
+        }
+    }
+
+    #[test]
+    fn grow_plans_new_sizes() {
+        let s = settings(BackendKind::Dm);
+        let after = plan_grow(&s, &grow(Some("+512M"), Some("128M")), true).unwrap();
+        assert_eq!(after.data, Bytes::gib(1));
+        assert_eq!(after.metadata, Bytes::mib(128));
+        let after = plan_grow(&s, &grow(Some("1G"), None), true).unwrap();
+        assert_eq!(after.metadata, Bytes::mib(64), "metadata unchanged");
+    }
+
+    #[test]
+    fn grow_refuses_shrinking_misalignment_and_nothing() {
+        let s = settings(BackendKind::Dm);
+        for (data, metadata) in [
+            (None, None),
+            (Some("256M"), None),
+            (Some("512M"), None),
+            (Some("+4K"), None),
+            (None, Some("32M")),
+            (None, Some("+1000")),
+            (None, Some("17G")),
+        ] {
+            let e = plan_grow(&s, &grow(data, metadata), true).unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument(_)),
+                "{data:?} {metadata:?}: {e}"
+            );
+        }
+        let e = plan_grow(&s, &grow(Some("256M"), None), true).unwrap_err();
+        assert!(e.to_string().contains("never shrink"), "{e}");
+    }
+
+    #[test]
+    fn reflink_metadata_does_not_grow() {
+        let s = settings(BackendKind::Reflink);
+        let e = plan_grow(&s, &grow(Some("+512M"), Some("+64M")), false).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        assert!(e.to_string().contains("XFS log"), "{e}");
+    }
+
+    #[test]
+    fn host_room_is_checked_with_numbers() {
+        let dir = Path::new("/var/lib/thinpool");
+        assert!(host_has_room(dir, Bytes::gib(1), Bytes::gib(2)).is_ok());
+        let e = host_has_room(dir, Bytes::gib(3), Bytes::gib(2)).unwrap_err();
+        assert!(matches!(e, Error::ResourceExhausted(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("3 GiB") && msg.contains("2 GiB") && msg.contains("force"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn space_settings_are_validated() {
+        let mut s = settings(BackendKind::Dm);
+        assert_eq!(s.min_free_space, PoolSettings::DEFAULT_MIN_FREE_SPACE);
+        assert!(!s.autoextend_data.enabled(), "autoextend is off by default");
+        s.min_free_space = crate::units::Percent(60);
+        assert!(check_space_settings(&s).is_err());
+    }
+
+    #[test]
+    fn settings_without_space_fields_get_defaults() {
+        // A store written before min_free_space and autoextend existed.
+        let mut v = serde_json::to_value(settings(BackendKind::Dm)).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("min_free_space");
+        m.remove("autoextend_data");
+        m.remove("autoextend_metadata");
+        let s: PoolSettings = serde_json::from_value(v).unwrap();
+        assert_eq!(s.min_free_space, PoolSettings::DEFAULT_MIN_FREE_SPACE);
+        assert_eq!(s.autoextend_data, AutoextendPolicy::OFF);
+    }
 }

@@ -4,7 +4,8 @@
 //! Layout: [`Pool`] (the engine) keeps records in the [`store`] and changes storage through
 //! one [`backend::Backend`] trait, implemented by [`backend::dm`] (the kernel's dm-thin) and
 //! [`backend::reflink`] (reflinked files on XFS, for hosts without dm-thin). [`AsyncPool`]
-//! runs the engine's blocking calls on tokio's blocking pool.
+//! runs the engine's blocking calls on tokio's blocking pool;
+//! [`run_autoextend`] is the space monitor a daemon spawns.
 
 mod asyncpool;
 pub mod backend;
@@ -15,6 +16,7 @@ pub mod fsutil;
 pub mod ids;
 pub mod loopback;
 pub mod model;
+mod monitor;
 pub mod store;
 pub mod units;
 
@@ -23,4 +25,5 @@ pub use engine::{Pool, RemoveOptions, SnapshotRequest};
 pub use error::{Error, ErrorKind, Result};
 pub use ids::{DeviceName, ThinId};
 pub use model::*;
-pub use units::{Bytes, DataBlocks, Sectors};
+pub use monitor::run_autoextend;
+pub use units::{Bytes, DataBlocks, Percent, Sectors};

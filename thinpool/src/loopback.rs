@@ -85,6 +85,81 @@ pub fn refresh_capacity(dev: &Path) -> Result<()> {
         .map_err(|e| Error::io("LOOP_SET_CAPACITY", dev, e))
 }
 
+/// The size of block device `dev` in bytes, from sysfs.
+pub fn device_size(dev: &Path) -> Result<u64> {
+    let name = dev.file_name().unwrap_or_default();
+    let attr = Path::new("/sys/block").join(name).join("size");
+    let text = fs::read_to_string(&attr).map_err(|e| Error::io("read", &attr, e))?;
+    let sectors: u64 = text.trim().parse().map_err(|_| {
+        Error::io(
+            "parse",
+            &attr,
+            io::Error::new(io::ErrorKind::InvalidData, format!("{text:?}")),
+        )
+    })?;
+    Ok(sectors * 512)
+}
+
+/// Makes the loop device `dev` follow its backing file's length `len` when it is shorter:
+/// the file was extended (by a grow) without LOOP_SET_CAPACITY, because a crash came
+/// between the two.
+pub fn ensure_capacity(dev: &Path, len: u64) -> Result<()> {
+    if device_size(dev)? < len {
+        info!(dev = %dev.display(), len, "loop device is shorter than its file; refreshing");
+        refresh_capacity(dev)?;
+    }
+    Ok(())
+}
+
+/// Extends the sparse file at `path` to `size` bytes and makes the new length durable. A file
+/// of that length already is left as it is (a grow being finished); a longer one is an error,
+/// since pool files never shrink.
+pub fn extend(path: &Path, size: u64) -> Result<()> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open pool file", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("stat pool file", path, e))?
+        .len();
+    if len > size {
+        return Err(Error::InvalidArgument(format!(
+            "{} is {len} bytes, longer than the {size} asked for; pool files never shrink",
+            path.display()
+        )));
+    }
+    if len < size {
+        f.set_len(size).map_err(|e| match e.raw_os_error() {
+            Some(libc::EFBIG) => Error::InvalidArgument(format!(
+                "{} cannot be {size} bytes long: that is above the host filesystem's \
+                 maximum file size",
+                path.display()
+            )),
+            _ => Error::io("extend pool file", path, e),
+        })?;
+    }
+    f.sync_all()
+        .map_err(|e| Error::io("sync pool file", path, e))
+}
+
+/// The length of the file at `path`.
+pub fn file_len(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .map_err(|e| Error::io("stat", path, e))?
+        .len())
+}
+
+/// Bytes the file at `path` takes on its filesystem (allocated blocks; less than its length
+/// while it is sparse).
+pub fn allocated(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(path)
+        .map_err(|e| Error::io("stat", path, e))?
+        .blocks()
+        * 512)
+}
+
 /// Detaches a loop device. A device that is already free is fine.
 pub fn detach(dev: &Path) -> Result<()> {
     let ld = match LoopDevice::open(dev) {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ids::{DeviceName, ThinId};
-use crate::units::{Bytes, DataBlocks};
+use crate::units::{Bytes, DataBlocks, Percent};
 
 /// Which storage mechanism serves thin devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +90,12 @@ pub struct PoolSpec {
     pub mount_options: Option<Vec<String>>,
     /// dm only: fail writes at once when the pool is full instead of queueing them.
     pub error_if_no_space: Option<bool>,
+    /// Refuse snapshots below this much free space. May change on an existing pool.
+    pub min_free_space: Option<Percent>,
+    /// Automatic growth of the data file. May change on an existing pool.
+    pub autoextend_data: Option<AutoextendPolicy>,
+    /// Automatic growth of the metadata file (dm only). May change on an existing pool.
+    pub autoextend_metadata: Option<AutoextendPolicy>,
 }
 
 /// The settings a pool was created with, as recorded in its metadata store.
@@ -104,6 +110,17 @@ pub struct PoolSettings {
     pub mkfs_options: Vec<String>,
     pub mount_options: Vec<String>,
     pub error_if_no_space: bool,
+    /// Snapshots (Prepare and View) are refused while free data space, or free metadata space
+    /// on dm, is below this share of the pool (Docker's `dm.min_free_space`): a new container
+    /// must not start on a pool about to fill, while running ones keep the rest. 0 turns the
+    /// guard off. (Pools made before this setting existed get the default.)
+    #[serde(default = "PoolSettings::default_min_free_space")]
+    pub min_free_space: Percent,
+    #[serde(default)]
+    pub autoextend_data: AutoextendPolicy,
+    /// Ignored on reflink, whose metadata file (the XFS log) cannot grow online.
+    #[serde(default)]
+    pub autoextend_metadata: AutoextendPolicy,
     /// Short random tag that prefixes the pool's kernel object names, so two pools on one host
     /// never collide and our objects are recognisable after a crash.
     pub tag: String,
@@ -114,6 +131,14 @@ impl PoolSettings {
     pub const DEFAULT_METADATA_SIZE: Bytes = Bytes::gib(2);
     pub const DEFAULT_BLOCK_SIZE: Bytes = Bytes::kib(64);
     pub const DEFAULT_BASE_SIZE: Bytes = Bytes::gib(10);
+    pub const DEFAULT_MIN_FREE_SPACE: Percent = Percent(10);
+    /// dm-thin uses at most this much metadata (255 * (2^14 - 64) blocks of 4 KiB, about
+    /// 15.9 GiB); the kernel ignores the rest of a larger device.
+    pub const MAX_METADATA_SIZE: Bytes = Bytes(255 * ((1 << 14) - 64) * 4096);
+
+    fn default_min_free_space() -> Percent {
+        Self::DEFAULT_MIN_FREE_SPACE
+    }
 
     /// Default mkfs options for a filesystem. ext4's inode tables and journal are written at
     /// mkfs time, once, on the base device: with lazy init every snapshot's first mount would
@@ -128,14 +153,224 @@ impl PoolSettings {
         }
     }
 
-    /// The low water mark, in data blocks, for a pool of `total` blocks: the kernel raises one
-    /// dm event when free blocks fall below it. We put it at 20% free (80% used): the same
-    /// point at which our alerting rule warns and LVM's dmeventd starts logging, and well
-    /// above the 10% free-space guard, so an autoextender gets the event before Prepare starts
-    /// failing. It is recomputed whenever the pool grows.
-    pub fn low_water_mark(total: DataBlocks) -> DataBlocks {
-        DataBlocks(total.0 / 5)
+    /// The pool's low water mark for a pool of `total` data blocks; see
+    /// [`AutoextendPolicy::low_water_mark`].
+    pub fn low_water_mark(&self, total: DataBlocks) -> DataBlocks {
+        self.autoextend_data.low_water_mark(total)
     }
+}
+
+/// When and how far the space monitor grows the pool's data or metadata by itself: LVM's
+/// `thin_pool_autoextend_threshold` and `thin_pool_autoextend_percent`, plus a ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoextendPolicy {
+    /// Grow when usage exceeds this share of the size. 100 turns autoextend off (LVM's
+    /// default); otherwise 50 to 99 (LVM's minimum is 50: lower values would grow a
+    /// half-empty pool).
+    pub threshold: Percent,
+    /// Grow by this share of the current size, or by more when that is not enough to get
+    /// usage back under the threshold in one step (as LVM does). 1 to 1000.
+    pub percent: Percent,
+    /// Never grow beyond this size. `None`: only the host's free space limits growth.
+    pub max: Option<Bytes>,
+}
+
+impl Default for AutoextendPolicy {
+    fn default() -> Self {
+        AutoextendPolicy::OFF
+    }
+}
+
+impl AutoextendPolicy {
+    /// LVM's defaults: off, and 20% steps once turned on.
+    pub const OFF: AutoextendPolicy = AutoextendPolicy {
+        threshold: Percent(100),
+        percent: Percent(20),
+        max: None,
+    };
+
+    pub fn enabled(&self) -> bool {
+        self.threshold.0 < 100
+    }
+
+    /// Checks the ranges documented on the fields; `what` names the policy in the error.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        if !(50..=100).contains(&self.threshold.0) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} autoextend threshold {}: must be 50% to 99%, or 100% for off",
+                self.threshold
+            )));
+        }
+        if !(1..=1000).contains(&self.percent.0) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} autoextend percent {}: must be 1% to 1000%",
+                self.percent
+            )));
+        }
+        if self.max == Some(Bytes(0)) {
+            return Err(Error::InvalidArgument(format!(
+                "{what} autoextend max 0: leave it unset for no limit"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The low water mark, in data blocks, for a pool of `total` blocks: the kernel raises one
+    /// dm event when free blocks fall below it.
+    ///
+    /// With autoextend on it is LVM's `total * (100 - threshold) / 100`, so the event comes
+    /// just as usage crosses the threshold and the monitor reacts at once. With autoextend
+    /// off it is 20% free (80% used): the point at which our alerting rule warns and LVM's
+    /// dmeventd starts logging, and above the default 10% free-space guard. It is recomputed
+    /// whenever the pool grows.
+    pub fn low_water_mark(&self, total: DataBlocks) -> DataBlocks {
+        if self.enabled() {
+            DataBlocks((total.0 as u128 * (100 - self.threshold.0) as u128 / 100) as u64)
+        } else {
+            DataBlocks(total.0 / 5)
+        }
+    }
+
+    /// Whether autoextend is on and `used` of `total` is above the threshold.
+    pub fn exceeded(&self, used: Bytes, total: Bytes) -> bool {
+        self.enabled()
+            && total.0 > 0
+            && used.0 as u128 * 100 > self.threshold.0 as u128 * total.0 as u128
+    }
+
+    /// The size to grow to when `used` of `total` is above the threshold, as a multiple of
+    /// `align` and at most `max`; `None` when usage is at or below the threshold, autoextend
+    /// is off, or the size is at its ceiling already.
+    ///
+    /// The step is LVM's (`lv_extend_policy_calculate_percent`): `percent`, or
+    /// `ceil(usage / threshold * 100) - 100` percent if that is more, so that one step brings
+    /// usage back under the threshold.
+    pub fn target(&self, used: Bytes, total: Bytes, align: Bytes) -> Option<Bytes> {
+        if !self.exceeded(used, total) {
+            return None;
+        }
+        let (used, total_, threshold) = (used.0 as u128, total.0 as u128, self.threshold.0 as u128);
+        // ceil(used / total * 100 / threshold * 100) - 100
+        let needed = (used * 100 * 100).div_ceil(total_ * threshold) - 100;
+        let step = needed.max(self.percent.0 as u128);
+        let grown = total_ + (total_ * step).div_ceil(100);
+        let grown = Bytes(grown.min(u64::MAX as u128) as u64).round_up(align);
+        let new = match self.max {
+            Some(max) => grown.min(max.round_down(align)),
+            None => grown,
+        };
+        (new > total).then_some(new)
+    }
+}
+
+impl fmt::Display for AutoextendPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.enabled() {
+            return f.write_str("off");
+        }
+        write!(f, "above {} grow by {}", self.threshold, self.percent)?;
+        match self.max {
+            Some(max) => write!(f, " up to {max}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A new size for the pool's data or metadata: absolute (`1T`) or relative (`+100G`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SizeChange {
+    /// Grow to this size.
+    To(Bytes),
+    /// Grow by this much.
+    By(Bytes),
+}
+
+impl SizeChange {
+    /// The size this change makes of `current`.
+    pub fn apply(self, current: Bytes) -> Result<Bytes> {
+        match self {
+            SizeChange::To(b) => Ok(b),
+            SizeChange::By(b) => current.0.checked_add(b.0).map(Bytes).ok_or_else(|| {
+                Error::InvalidArgument(format!("{current} + {b} does not fit in 64 bits"))
+            }),
+        }
+    }
+}
+
+impl FromStr for SizeChange {
+    type Err = Error;
+
+    /// `+SIZE` grows by SIZE, `SIZE` grows to SIZE; SIZE as [`Bytes`] parses it (`512M`).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        let (rel, num) = match t.strip_prefix('+') {
+            Some(rest) => (true, rest),
+            None => (false, t),
+        };
+        let b: Bytes = num
+            .parse()
+            .map_err(|e: crate::units::ParseSizeError| Error::InvalidArgument(e.to_string()))?;
+        Ok(if rel {
+            SizeChange::By(b)
+        } else {
+            SizeChange::To(b)
+        })
+    }
+}
+
+impl fmt::Display for SizeChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SizeChange::To(b) => write!(f, "{b}"),
+            SizeChange::By(b) => write!(f, "+{b}"),
+        }
+    }
+}
+
+/// What [`crate::Pool::grow`] does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrowRequest {
+    pub data: Option<SizeChange>,
+    /// dm only: the reflink backend's metadata (the XFS log) cannot grow online.
+    pub metadata: Option<SizeChange>,
+    /// Grow even when the host filesystem has less free space than the files could take.
+    /// The files are sparse, so this is overcommitting the host as thin devices overcommit
+    /// the pool.
+    pub force: bool,
+}
+
+/// The sizes of a pool's data and metadata files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSize {
+    pub data: Bytes,
+    pub metadata: Bytes,
+}
+
+/// The result of a grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrowOutcome {
+    pub before: PoolSize,
+    pub after: PoolSize,
+}
+
+/// Counts of the engine's space events since the pool was opened, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolCounters {
+    /// Grows that completed: manual ones and autoextensions.
+    pub grows: u64,
+    /// Of those, the autoextensions.
+    pub autoextends: u64,
+    /// Autoextensions that were due but did not happen: the size is at the policy's max,
+    /// the host filesystem has no room, or the grow failed.
+    pub autoextend_failures: u64,
+    /// Snapshots refused by the `min_free_space` guard.
+    pub guard_rejections: u64,
+    /// Kernel events on the pool the monitor received (dm: low water mark, mode changes,
+    /// table reloads). Always 0 on reflink, which has no events.
+    pub pool_events: u64,
+    /// Changes of the pool's mode seen (rw, out_of_data_space, ro, fail).
+    pub mode_changes: u64,
 }
 
 /// The role of a thin device.
@@ -264,5 +499,100 @@ pub struct AuditReport {
 impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.leaked.is_empty() && self.missing.is_empty() && self.unfinished.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: Bytes = Bytes::kib(64);
+
+    fn policy(threshold: u32, percent: u32, max: Option<Bytes>) -> AutoextendPolicy {
+        AutoextendPolicy {
+            threshold: Percent(threshold),
+            percent: Percent(percent),
+            max,
+        }
+    }
+
+    #[test]
+    fn autoextend_waits_for_the_threshold() {
+        let p = policy(70, 20, None);
+        let total = Bytes::gib(1);
+        assert_eq!(p.target(Percent(70).of(total), total, BS), None);
+        assert!(!p.exceeded(Percent(70).of(total), total));
+        assert!(p.exceeded(Bytes(Percent(70).of(total).0 + 1), total));
+        assert_eq!(AutoextendPolicy::OFF.target(total, total, BS), None, "off");
+    }
+
+    #[test]
+    fn autoextend_steps_by_percent_or_enough_to_get_under() {
+        let total = Bytes::gib(1);
+        // 75% used: 20% is more than the 8% needed.
+        let new = policy(70, 20, None)
+            .target(Percent(75).of(total), total, BS)
+            .unwrap();
+        let want = Bytes(total.0 + Percent(20).of(total).0);
+        assert!(
+            new >= want && new.0 - want.0 < BS.0 && new.0.is_multiple_of(BS.0),
+            "{new:?}"
+        );
+        // 95% used: ceil(95 / 70 * 100) - 100 = 36% gets usage back under 70% in one step.
+        let used = Percent(95).of(total);
+        let new = policy(70, 20, None).target(used, total, BS).unwrap();
+        assert!(new >= Bytes(total.0 + Percent(36).of(total).0), "{new:?}");
+        assert!(
+            !policy(70, 20, None).exceeded(used, new),
+            "under the threshold after"
+        );
+    }
+
+    #[test]
+    fn autoextend_stops_at_max() {
+        let total = Bytes::gib(1);
+        let used = Percent(90).of(total);
+        let p = policy(70, 50, Some(Bytes::mib(1100)));
+        assert_eq!(p.target(used, total, BS), Some(Bytes::mib(1100)));
+        let p = policy(70, 50, Some(total));
+        assert_eq!(p.target(used, total, BS), None, "at max");
+        assert!(p.exceeded(used, total));
+    }
+
+    #[test]
+    fn low_water_mark_follows_the_threshold() {
+        let total = DataBlocks(1000);
+        assert_eq!(policy(70, 20, None).low_water_mark(total), DataBlocks(300));
+        assert_eq!(AutoextendPolicy::OFF.low_water_mark(total), DataBlocks(200));
+    }
+
+    #[test]
+    fn autoextend_policies_are_validated() {
+        assert!(policy(70, 20, None).validate("data").is_ok());
+        assert!(AutoextendPolicy::OFF.validate("data").is_ok());
+        for bad in [
+            policy(30, 20, None),
+            policy(101, 20, None),
+            policy(70, 0, None),
+            policy(70, 20, Some(Bytes(0))),
+        ] {
+            let e = bad.validate("data").unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn size_changes_parse_and_apply() {
+        let by: SizeChange = "+512M".parse().unwrap();
+        assert_eq!(by, SizeChange::By(Bytes::mib(512)));
+        assert_eq!(by.apply(Bytes::mib(512)).unwrap(), Bytes::gib(1));
+        let to: SizeChange = "2G".parse().unwrap();
+        assert_eq!(to, SizeChange::To(Bytes::gib(2)));
+        assert_eq!(to.apply(Bytes::gib(1)).unwrap(), Bytes::gib(2));
+        assert_eq!(by.to_string(), "+512 MiB");
+        for bad in ["+", "", "+-1G", "abc"] {
+            assert!(bad.parse::<SizeChange>().is_err(), "{bad:?} parsed");
+        }
+        assert!(SizeChange::By(Bytes(u64::MAX)).apply(Bytes(1)).is_err());
     }
 }

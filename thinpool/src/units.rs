@@ -27,6 +27,14 @@ pub struct Bytes(pub u64);
 #[serde(transparent)]
 pub struct Sectors(pub u64);
 
+/// A percentage. Not capped at 100: a growth of 150% is meaningful; each setting states its
+/// own range.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Percent(pub u32);
+
 /// A count of pool data blocks (the pool's block size, 64 KiB by default).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -44,6 +52,22 @@ impl Bytes {
     pub const fn gib(n: u64) -> Bytes {
         Bytes(n * GIB)
     }
+    pub const fn tib(n: u64) -> Bytes {
+        Bytes(n * TIB)
+    }
+
+    /// Rounds up to a multiple of `align` (which is not zero), saturating.
+    pub const fn round_up(self, align: Bytes) -> Bytes {
+        match self.0.checked_next_multiple_of(align.0) {
+            Some(v) => Bytes(v),
+            None => Bytes(u64::MAX - u64::MAX % align.0),
+        }
+    }
+
+    /// Rounds down to a multiple of `align` (which is not zero).
+    pub const fn round_down(self, align: Bytes) -> Bytes {
+        Bytes(self.0 - self.0 % align.0)
+    }
 
     /// Whole sectors, rounding down.
     pub const fn sectors(self) -> Sectors {
@@ -59,6 +83,13 @@ impl Bytes {
 impl Sectors {
     pub const fn bytes(self) -> Bytes {
         Bytes(self.0 * SECTOR_SIZE)
+    }
+}
+
+impl Percent {
+    /// This percentage of `b`, rounded down.
+    pub const fn of(self, b: Bytes) -> Bytes {
+        Bytes((b.0 as u128 * self.0 as u128 / 100) as u64)
     }
 }
 
@@ -138,6 +169,32 @@ impl fmt::Display for Sectors {
     }
 }
 
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
+impl FromStr for Percent {
+    type Err = ParsePercentError;
+
+    /// Parses `70` or `70%`.
+    fn from_str(s: &str) -> Result<Percent, ParsePercentError> {
+        let t = s.trim();
+        t.strip_suffix('%')
+            .unwrap_or(t)
+            .trim()
+            .parse()
+            .map(Percent)
+            .map_err(|_| ParsePercentError(s.to_string()))
+    }
+}
+
+/// Error from [`Percent::from_str`].
+#[derive(Debug, thiserror::Error)]
+#[error("invalid percentage {0:?}: expected a whole number, optionally followed by %")]
+pub struct ParsePercentError(String);
+
 impl fmt::Display for DataBlocks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} blocks", self.0)
@@ -178,6 +235,19 @@ mod tests {
         assert_eq!(Bytes(512).to_string(), "512 B");
         assert_eq!(Bytes::gib(10).to_string(), "10 GiB");
         assert_eq!(Bytes(3 * GIB / 2).to_string(), "1.5 GiB");
+    }
+
+    #[test]
+    fn percentages() {
+        assert_eq!("70%".parse::<Percent>().unwrap(), Percent(70));
+        assert_eq!("20".parse::<Percent>().unwrap(), Percent(20));
+        assert!("x%".parse::<Percent>().is_err());
+        assert_eq!(
+            Percent(10).of(Bytes::mib(512)),
+            Bytes(Bytes::mib(512).0 / 10)
+        );
+        assert_eq!(Percent(150).of(Bytes::gib(2)), Bytes::gib(3));
+        assert_eq!(Percent(10).to_string(), "10%");
     }
 
     #[test]

@@ -11,18 +11,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use devicemapper::{
     DM, DataBlocks as DmDataBlocks, DevId, Device, DmDevice, DmError, DmFlags, DmName, DmNameBuf,
-    DmOptions, LinearDev, LinearDevTargetParams, LinearTargetParams, Sectors as DmSectors,
-    TargetLine, ThinPoolDev, ThinPoolNoSpacePolicy, ThinPoolStatus, ThinPoolStatusSummary,
+    DmOptions, ErrorEnum, LinearDev, LinearDevTargetParams, LinearTargetParams,
+    Sectors as DmSectors, TargetLine, TargetTable, ThinPoolDev, ThinPoolNoSpacePolicy,
+    ThinPoolStatus, ThinPoolStatusSummary, ThinPoolWorkingStatus,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::{Backend, PoolPaths};
+use super::{Backend, PoolEvents, PoolPaths};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::fsutil;
 use crate::ids::ThinId;
 use crate::loopback;
@@ -37,9 +40,22 @@ pub struct DmBackend {
     names: Names,
     paths: PoolPaths,
     block_size: Bytes,
-    pool: ThinPoolDev,
+    /// The pool and its linear devices, with the tables we loaded. Locked only to change
+    /// those tables (a grow); status and messages go to the kernel by name without it.
+    pool: parking_lot::Mutex<ThinPoolDev>,
+    /// Pool messages hold it shared, a table reload of the pool exclusively: no message
+    /// reaches the pool while it is suspended for a reload, and a reload waits for the
+    /// messages in flight. Messages do not exclude each other, so this serialises nothing
+    /// but the rare reload.
+    reload: parking_lot::RwLock<()>,
     /// The pool's (major, minor), which every thin table names.
     pool_dev: Device,
+    /// The metadata linear device's node, for thin_ls.
+    meta_node: PathBuf,
+    data_loop: PathBuf,
+    meta_loop: PathBuf,
+    /// The low water mark in the pool's live table, in data blocks.
+    low_water_mark: AtomicU64,
     /// Our view of the kernel's transaction id. No lock pairs a message with the
     /// `set_transaction_id` after it: the kernel's own compare-and-swap orders concurrent
     /// bumps (see [`DmBackend::bump_txn`]), and reconcile never needs to know which message a
@@ -96,30 +112,94 @@ fn dev_of(path: &Path) -> Result<Device> {
     Ok(Device { major, minor })
 }
 
-/// Sets up (or adopts) a linear device `name` over the whole of `loop_dev`, whose backing
-/// file is `file`; returns it with the file's length.
-fn linear_over(dm: &DM, name: &DmName, loop_dev: &Path, file: &Path) -> Result<(LinearDev, Bytes)> {
-    let len = Bytes(
-        fs::metadata(file)
-            .map_err(|e| Error::io("stat", file, e))?
-            .len(),
-    );
-    let dev = LinearDev::setup(
-        dm,
-        name,
-        None,
-        linear_table(dev_of(loop_dev)?, DmSectors(len.sectors().0)),
-    )
-    .map_err(dm_err(format!("set up linear device {name}")))?;
-    Ok((dev, len))
-}
-
 fn linear_table(dev: Device, len: DmSectors) -> Vec<TargetLine<LinearDevTargetParams>> {
     vec![TargetLine::new(
         DmSectors(0),
         len,
         LinearDevTargetParams::Linear(LinearTargetParams::new(dev, DmSectors(0))),
     )]
+}
+
+/// The linear device `name` over the loop device `dev` of a file `len` long.
+///
+/// A live device (daemon restart) is adopted with the table it has, which may be shorter
+/// than the file: a crash between extending the file and reloading the kernel leaves it so,
+/// and the engine then finishes the grow. It must map `dev`, and nothing else.
+fn linear_dev(dm: &DM, name: &DmName, dev: Device, len: Bytes) -> Result<LinearDev> {
+    let what = name.to_string();
+    let table = match dm.device_info(&DevId::Name(name)) {
+        Ok(_) => {
+            let live = LinearDev::read_kernel_table(dm, &DevId::Name(name))
+                .map_err(dm_err(format!("read the table of {what}")))?
+                .table;
+            let ours = matches!(live.as_slice(),
+                [TargetLine { start: DmSectors(0), params: LinearDevTargetParams::Linear(p), .. }]
+                    if p.device == dev && p.start_offset == DmSectors(0));
+            if !ours {
+                return Err(Error::Inconsistent(format!(
+                    "live device {what} does not map the pool file's loop device \
+                     {}:{} alone: {live:?}",
+                    dev.major, dev.minor
+                )));
+            }
+            live
+        }
+        Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => {
+            linear_table(dev, DmSectors(len.sectors().0))
+        }
+        Err(e) => return Err(Error::dm(format!("look up {what}"), e)),
+    };
+    LinearDev::setup(dm, name, None, table).map_err(dm_err(format!("set up {what}")))
+}
+
+/// Brings a live pool's table up to the length of its (live) data device, which it lags
+/// only when a crash came between reloading the data device and reloading the pool in a
+/// grow. A pool that is not live is left to be created.
+fn sync_pool_length(dm: &DM, name: &DmName, data_len: DmSectors) -> Result<()> {
+    let id = DevId::Name(name);
+    match dm.device_info(&id) {
+        Ok(_) => {}
+        Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(()),
+        Err(e) => return Err(Error::dm("look up thin-pool", e)),
+    }
+    let mut table =
+        ThinPoolDev::read_kernel_table(dm, &id).map_err(dm_err("read the thin-pool table"))?;
+    if table.table.length == data_len {
+        return Ok(());
+    }
+    if table.table.length > data_len {
+        return Err(Error::Inconsistent(format!(
+            "the live thin-pool is {} long but its data device only {data_len}",
+            table.table.length
+        )));
+    }
+    warn!(pool = %table.table.length, data = %data_len,
+        "the live thin-pool lags its data device (a grow was interrupted); reloading it");
+    table.table.length = data_len;
+    dm.table_load(&id, &table.to_raw_table(), DmOptions::default())
+        .map_err(dm_err("load the grown thin-pool table"))?;
+    dm.device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+        .map_err(dm_err("suspend thin-pool"))?;
+    // Resuming swaps the loaded table in.
+    dm.device_suspend(&id, DmOptions::private())
+        .map_err(dm_err("resume thin-pool"))?;
+    Ok(())
+}
+
+/// The thin-pool status of the pool named `name`, without the `ThinPoolDev` (and its lock).
+fn pool_status(
+    dm: &DM,
+    name: &DmName,
+    options: DmOptions,
+) -> std::result::Result<ThinPoolStatus, DmError> {
+    let (_, lines) = dm.table_status(&DevId::Name(name), options)?;
+    match lines.as_slice() {
+        [line] => line.3.parse(),
+        _ => Err(DmError::Dm(
+            ErrorEnum::Invalid,
+            format!("expected one thin-pool status line, got {lines:?}"),
+        )),
+    }
 }
 
 impl DmBackend {
@@ -175,12 +255,22 @@ impl DmBackend {
         };
         let meta_loop = loopback::attach(&paths.metadata_file)?;
         let data_loop = loopback::attach(&paths.data_file)?;
-        let (meta, _) = linear_over(&dm, &names.meta(), &meta_loop, &paths.metadata_file)?;
-        let (data, data_len) = linear_over(&dm, &names.data(), &data_loop, &paths.data_file)?;
-
+        let meta_len = Bytes(loopback::file_len(&paths.metadata_file)?);
+        let data_len = Bytes(loopback::file_len(&paths.data_file)?);
+        // A live loop device is shorter than its file if a crash came between extending the
+        // file and LOOP_SET_CAPACITY in a grow.
+        loopback::ensure_capacity(&meta_loop, meta_len.0)?;
+        loopback::ensure_capacity(&data_loop, data_len.0)?;
+        let meta = linear_dev(&dm, &names.meta(), dev_of(&meta_loop)?, meta_len)?;
+        let data = linear_dev(&dm, &names.data(), dev_of(&data_loop)?, data_len)?;
+        if !fresh {
+            sync_pool_length(&dm, &names.pool(), data.size())?;
+        }
         let block_sectors = DmSectors(settings.block_size.sectors().0);
-        let total_blocks = DataBlocks(data_len.0 / settings.block_size.0);
-        let lwm = DmDataBlocks(PoolSettings::low_water_mark(total_blocks).0);
+        // The pool is as long as its data device, which a live one may have shorter than the
+        // file (the engine finishes the grow); the low water mark is for that length.
+        let total_blocks = DataBlocks(data.size().0 * 512 / settings.block_size.0);
+        let lwm = DmDataBlocks(settings.low_water_mark(total_blocks).0);
         let mut features = vec![];
         if settings.error_if_no_space {
             features.push("error_if_no_space".to_string());
@@ -212,6 +302,7 @@ impl DmBackend {
             Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features)?
         };
         let pool_dev = pool.device();
+        let meta_node = pool.meta_dev().devnode();
         let txn = match pool
             .status(&dm, DmOptions::default())
             .map_err(dm_err("pool status"))?
@@ -224,17 +315,109 @@ impl DmBackend {
                 )));
             }
         };
+        let live_lwm = ThinPoolDev::read_kernel_table(&dm, &DevId::Name(&names.pool()))
+            .map_err(dm_err("read the thin-pool table"))?
+            .table
+            .params
+            .low_water_mark;
         let backend = DmBackend {
             dm,
             names,
             paths: paths.clone(),
             block_size: settings.block_size,
-            pool,
+            pool: parking_lot::Mutex::new(pool),
+            reload: parking_lot::RwLock::new(()),
             pool_dev,
+            meta_node,
+            data_loop,
+            meta_loop,
+            low_water_mark: AtomicU64::new(live_lwm.0),
             txn: AtomicU64::new(txn),
         };
         backend.resume_suspended()?;
+        if live_lwm != lwm {
+            // A live pool keeps the mark it was loaded with; the autoextend settings (which
+            // place it) may have changed since.
+            info!(
+                from = live_lwm.0,
+                to = lwm.0,
+                "setting the pool's low water mark (blocks)"
+            );
+            backend.reload_pool("set the low water mark", |pool, dm| {
+                pool.set_low_water_mark(dm, lwm)
+            })?;
+            backend.low_water_mark.store(lwm.0, Ordering::SeqCst);
+        }
         Ok(backend)
+    }
+
+    /// Suspends the pool, applies `change` (table loads), and resumes the pool on every path:
+    /// a pool left suspended hangs every container on it. Suspending the pool suspends its
+    /// active thin devices too (the kernel does it, without flushing), so their I/O waits
+    /// for the few milliseconds this takes and then goes on.
+    ///
+    /// If the kernel refuses the new table at resume, the old tables are loaded again so the
+    /// pool comes back as it was.
+    fn reload_pool(
+        &self,
+        what: &str,
+        change: impl FnOnce(&mut ThinPoolDev, &DM) -> std::result::Result<(), DmError>,
+    ) -> Result<()> {
+        let _no_messages = self.reload.write();
+        let mut pool = self.pool.lock();
+        let old_data = pool.data_dev().table().table.clone();
+        let old_meta = pool.meta_dev().table().table.clone();
+        let old_lwm = pool.table().table.params.low_water_mark;
+        pool.suspend(&self.dm, DmOptions::default())
+            .map_err(dm_err(format!("suspend the pool to {what}")))?;
+        let changed = change(&mut pool, &self.dm);
+        let resumed = pool.resume(&self.dm);
+        match (changed, resumed) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(Error::dm(what, e)),
+            (_, Err(resume)) => {
+                error!(error = %resume, "{what}: the pool did not resume; loading the old tables");
+                let restored = pool
+                    .set_meta_table(&self.dm, old_meta)
+                    .and_then(|()| pool.set_data_table(&self.dm, old_data))
+                    .and_then(|()| pool.set_low_water_mark(&self.dm, old_lwm))
+                    .and_then(|()| pool.resume(&self.dm));
+                Err(match restored {
+                    Ok(()) => Error::Dm {
+                        context: what.to_string(),
+                        message: format!(
+                            "the kernel refused the new table at resume ({resume}); the pool \
+                             is back as it was (see the kernel log)"
+                        ),
+                    },
+                    Err(e) => Error::Dm {
+                        context: what.to_string(),
+                        message: format!(
+                            "the pool did not resume ({resume}) and neither did it with its \
+                             old tables ({e}): it is SUSPENDED and its devices hang until \
+                             `dmsetup resume {}` succeeds",
+                            &*self.names.pool()
+                        ),
+                    },
+                })
+            }
+        }
+    }
+
+    /// The kernel's status of the pool, working; an error otherwise.
+    fn working_status(&self) -> Result<Box<ThinPoolWorkingStatus>> {
+        match pool_status(
+            &self.dm,
+            &self.names.pool(),
+            DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+        )
+        .map_err(dm_err("pool status"))?
+        {
+            ThinPoolStatus::Working(w) => Ok(w),
+            other => Err(Error::FailedPrecondition(format!(
+                "the thin-pool is in state {other:?}"
+            ))),
+        }
     }
 
     /// If the kernel flagged the metadata as needing a check, takes the pool down, runs
@@ -374,8 +557,9 @@ impl DmBackend {
 
     /// The kernel's current transaction id (status without a metadata flush).
     fn kernel_txn(&self) -> std::result::Result<u64, DmError> {
-        match self.pool.status(
+        match pool_status(
             &self.dm,
+            &self.names.pool(),
             DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
         )? {
             ThinPoolStatus::Working(w) => Ok(w.transaction_id),
@@ -387,6 +571,7 @@ impl DmBackend {
     }
 
     fn pool_message(&self, msg: &str) -> std::result::Result<(), DmError> {
+        let _not_reloading = self.reload.read();
         self.dm
             .target_msg(&DevId::Name(&self.names.pool()), None, msg)
             .map(drop)
@@ -498,14 +683,13 @@ impl Backend for DmBackend {
     }
 
     fn status(&self) -> Result<BackendStatus> {
-        let pool = &self.pool;
         // NOFLUSH: a status query must not force a metadata commit (scrapes are frequent).
-        let status = pool
-            .status(
-                &self.dm,
-                DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
-            )
-            .map_err(dm_err("pool status"))?;
+        let status = pool_status(
+            &self.dm,
+            &self.names.pool(),
+            DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+        )
+        .map_err(dm_err("pool status"))?;
         let w = match status {
             ThinPoolStatus::Working(w) => w,
             ThinPoolStatus::Fail => {
@@ -529,7 +713,6 @@ impl Backend for DmBackend {
             }
         };
         let bs = self.block_size.0;
-        let total_blocks = DataBlocks(w.usage.total_data.0);
         Ok(BackendStatus {
             transaction_id: w.transaction_id,
             data_used: Bytes(w.usage.used_data.0 * bs),
@@ -543,7 +726,8 @@ impl Backend for DmBackend {
             },
             needs_check: w.needs_check,
             error_if_no_space: w.no_space_policy == ThinPoolNoSpacePolicy::Error,
-            low_water_mark: PoolSettings::low_water_mark(total_blocks).bytes(self.block_size),
+            low_water_mark: DataBlocks(self.low_water_mark.load(Ordering::SeqCst))
+                .bytes(self.block_size),
         })
     }
 
@@ -645,7 +829,7 @@ impl Backend for DmBackend {
     }
 
     fn list_ids(&self) -> Result<BTreeSet<ThinId>> {
-        let meta_node = self.pool.meta_dev().devnode();
+        let meta_node = &self.meta_node;
         // A metadata snapshot lets thin_ls read consistent metadata while the pool is live.
         self.pool_message("reserve_metadata_snap")
             .map_err(dm_err("reserve_metadata_snap"))?;
@@ -674,6 +858,69 @@ impl Backend for DmBackend {
             .collect()
     }
 
+    /// Extends the file, refreshes the loop device, then reloads the data linear device and
+    /// the pool (with the new length and low water mark) in one suspend/resume of the pool;
+    /// the kernel grows its space map at resume. Checks afterwards that it did: the kernel
+    /// declines silently (in its log) when the metadata needs a check.
+    fn grow_data(&self, size: Bytes, low_water_mark: DataBlocks) -> Result<()> {
+        loopback::extend(&self.paths.data_file, size.0)?;
+        failpoint::hit("grow:after_file");
+        loopback::ensure_capacity(&self.data_loop, size.0)?;
+        let dev = dev_of(&self.data_loop)?;
+        let len = DmSectors(size.sectors().0);
+        let lwm = DmDataBlocks(low_water_mark.0);
+        self.reload_pool(&format!("grow the pool's data to {size}"), |pool, dm| {
+            pool.set_data_table(dm, linear_table(dev, len))?;
+            pool.set_low_water_mark(dm, lwm)
+        })?;
+        self.low_water_mark.store(lwm.0, Ordering::SeqCst);
+        let w = self.working_status()?;
+        let total = DataBlocks(w.usage.total_data.0).bytes(self.block_size);
+        if total < size.round_down(self.block_size) {
+            return Err(Error::FailedPrecondition(format!(
+                "the kernel kept the pool's data at {total} instead of {size} (see the \
+                 kernel log; it refuses to grow a pool whose metadata needs a check)"
+            )));
+        }
+        info!(size = %size, low_water_mark = lwm.0, "pool data grown");
+        Ok(())
+    }
+
+    /// As [`DmBackend::grow_data`], for the metadata linear device; the kernel grows its
+    /// metadata space map at resume (up to [`PoolSettings::MAX_METADATA_SIZE`]).
+    fn grow_metadata(&self, size: Bytes) -> Result<()> {
+        let before = self.working_status()?.usage.total_meta.0;
+        loopback::extend(&self.paths.metadata_file, size.0)?;
+        failpoint::hit("grow:after_file");
+        loopback::ensure_capacity(&self.meta_loop, size.0)?;
+        let dev = dev_of(&self.meta_loop)?;
+        let len = DmSectors(size.sectors().0);
+        self.reload_pool(
+            &format!("grow the pool's metadata to {size}"),
+            |pool, dm| pool.set_meta_table(dm, linear_table(dev, len)),
+        )?;
+        let after = self.working_status()?.usage.total_meta.0;
+        let wanted = size.min(PoolSettings::MAX_METADATA_SIZE).0 / META_BLOCK;
+        if after < wanted {
+            return Err(Error::FailedPrecondition(format!(
+                "the kernel kept the pool's metadata at {} (was {}) instead of {size} (see \
+                 the kernel log)",
+                Bytes(after * META_BLOCK),
+                Bytes(before * META_BLOCK)
+            )));
+        }
+        info!(size = %size, "pool metadata grown");
+        Ok(())
+    }
+
+    fn metadata_grows(&self) -> bool {
+        true
+    }
+
+    fn events(&self) -> Result<Option<Box<dyn PoolEvents>>> {
+        Ok(DmEvents::new(self.names.pool())?.map(|e| Box::new(e) as Box<dyn PoolEvents>))
+    }
+
     fn teardown(&self) -> Result<()> {
         remove_ours(&self.dm, &self.names);
         for f in [&self.paths.data_file, &self.paths.metadata_file] {
@@ -682,5 +929,61 @@ impl Backend for DmBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// The pool's dm events: a device-mapper context of its own (so arming it for polls concerns
+/// no other user of the control device) and the pool's last seen event number.
+///
+/// The kernel's protocol: the control fd polls readable once any dm event happened on the
+/// host since the fd was last armed (`DM_DEV_ARM_POLL`, ioctl interface 4.37); which device
+/// evented shows in its event number, which `DM_DEV_STATUS` returns (one ioctl for the pool,
+/// rather than listing every device on the host).
+struct DmEvents {
+    dm: DM,
+    pool: DmNameBuf,
+    last: parking_lot::Mutex<u32>,
+}
+
+impl DmEvents {
+    /// `None` when the kernel cannot arm the control fd for polling (before 4.37).
+    fn new(pool: DmNameBuf) -> Result<Option<DmEvents>> {
+        let dm = DM::new().map_err(dm_err("open /dev/mapper/control"))?;
+        if let Err(e) = dm.arm_poll() {
+            warn!(error = %e, "dm event polling is unavailable; the space monitor only polls");
+            return Ok(None);
+        }
+        let events = DmEvents {
+            dm,
+            pool,
+            last: parking_lot::Mutex::new(0),
+        };
+        *events.last.lock() = events.event_nr()?;
+        Ok(Some(events))
+    }
+
+    fn event_nr(&self) -> Result<u32> {
+        Ok(self
+            .dm
+            .device_info(&DevId::Name(&self.pool))
+            .map_err(dm_err(format!("status of {}", &*self.pool)))?
+            .event_nr())
+    }
+}
+
+impl PoolEvents for DmEvents {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.dm.file().as_fd()
+    }
+
+    fn take(&self) -> Result<u32> {
+        // Arm first, then read the number: an event between the two is seen now and also
+        // makes the fd readable again, never lost.
+        self.dm.arm_poll().map_err(dm_err("arm dm event poll"))?;
+        let nr = self.event_nr()?;
+        let mut last = self.last.lock();
+        let new = nr.wrapping_sub(*last);
+        *last = nr;
+        Ok(new)
     }
 }

@@ -7,12 +7,13 @@
 //! `spawn_blocking` threads, never on the async runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::ids::ThinId;
 use crate::model::{BackendKind, BackendStatus, PoolSettings};
-use crate::units::Bytes;
+use crate::units::{Bytes, DataBlocks};
 
 pub mod dm;
 pub mod reflink;
@@ -60,10 +61,49 @@ pub trait Backend: Send + Sync {
     /// `thin_ls` on a metadata snapshot). For the audit.
     fn list_ids(&self) -> Result<BTreeSet<ThinId>>;
 
+    /// Grows the data file to `size` and makes the pool use it, online: active and mounted
+    /// devices keep working. `low_water_mark` is the pool's low water mark for the new size.
+    ///
+    /// Preconditions: `size` is at least the pool's data size and a multiple of its block
+    /// size; the engine has checked that the host filesystem has room (or was told to
+    /// overcommit) and that the pool is healthy.
+    ///
+    /// Idempotent, and never shrinks: the file is extended first (the durable step: at the
+    /// next open the backend assembles the pool from the file's size), then the loop device
+    /// and the kernel follow. Each step is harmless when done already, so the engine repeats
+    /// the call to finish a grow that a crash interrupted.
+    fn grow_data(&self, size: Bytes, low_water_mark: DataBlocks) -> Result<()>;
+
+    /// Grows the metadata file to `size` and makes the pool use it, online, as
+    /// [`Backend::grow_data`] does. Preconditions as there, and [`Backend::metadata_grows`].
+    fn grow_metadata(&self, size: Bytes) -> Result<()>;
+
+    /// Whether the metadata is a space that fills up and can be grown (dm: the thin-pool
+    /// metadata device). False on reflink: its metadata file is the XFS log, which is
+    /// circular (it never fills up) and cannot grow online.
+    fn metadata_grows(&self) -> bool;
+
+    /// Kernel events of this pool, for the space monitor; `None` when the backend has none
+    /// (reflink) or the kernel cannot deliver them (dm before ioctl version 4.37).
+    fn events(&self) -> Result<Option<Box<dyn PoolEvents>>>;
+
     /// Tears down everything this process set up (devices, pool, loop devices, mounts), as a
     /// host reboot would. Persistent data is kept. Used on shutdown of tests and the daemon's
     /// `--teardown-on-exit`; a plain daemon exit keeps devices active for running containers.
     fn teardown(&self) -> Result<()>;
+}
+
+/// A pool's kernel events: a file descriptor that polls readable after an event, and a way to
+/// tell whether one concerned this pool. dm: a device-mapper context armed for events (they
+/// are host-wide: any device's event wakes it) and the pool's event counter.
+pub trait PoolEvents: Send + Sync {
+    /// The descriptor to poll for readability.
+    fn fd(&self) -> BorrowedFd<'_>;
+
+    /// Re-arms the descriptor, then returns how many events the pool had since the last
+    /// call. Call it each time the descriptor polls readable: it stays readable until
+    /// re-armed. Blocks (ioctls).
+    fn take(&self) -> Result<u32>;
 }
 
 /// Paths of a pool's files under its root.

@@ -29,12 +29,13 @@ use std::time::Duration;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tracing::{info, warn};
 
-use super::{Backend, PoolPaths};
+use super::{Backend, PoolEvents, PoolPaths};
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::fsutil;
 use crate::ids::ThinId;
 use crate::loopback;
-use crate::model::{BackendKind, BackendStatus, PoolMode, PoolSettings};
+use crate::model::{AutoextendPolicy, BackendKind, BackendStatus, PoolMode, PoolSettings};
 use crate::units::{Bytes, DataBlocks};
 
 /// The log we use at most. mkfs.xfs writes the whole log, so its size is real disk use;
@@ -70,6 +71,8 @@ pub struct ReflinkBackend {
     /// Size of the external log (the used part of the metadata file).
     log_size: Bytes,
     block_size: Bytes,
+    /// Places the (reported) low water mark; reflink has no kernel events.
+    autoextend_data: AutoextendPolicy,
     /// Logical sector size of device loops: the XFS block size.
     device_block_size: u32,
     /// The last transaction id made durable. The lock is held only for a counter bump.
@@ -202,6 +205,7 @@ impl ReflinkBackend {
             devices,
             log_size: log_size(settings.metadata_size),
             block_size: settings.block_size,
+            autoextend_data: settings.autoextend_data,
             txn: parking_lot::Mutex::new(txn),
             loops: parking_lot::Mutex::new(loops),
         })
@@ -345,7 +349,10 @@ impl Backend for ReflinkBackend {
             },
             needs_check: shut_down,
             error_if_no_space: true,
-            low_water_mark: PoolSettings::low_water_mark(DataBlocks(total / bs.0)).bytes(bs),
+            low_water_mark: self
+                .autoextend_data
+                .low_water_mark(DataBlocks(total / bs.0))
+                .bytes(bs),
         })
     }
 
@@ -506,6 +513,38 @@ impl Backend for ReflinkBackend {
             }
         }
         Ok(ids)
+    }
+
+    /// Extends the data file, refreshes its loop device, and grows the mounted XFS over it
+    /// with `xfs_growfs` (online: device files stay attached and mounted). `xfs_growfs` of
+    /// an XFS that fills its device already changes nothing, which makes this idempotent.
+    /// The low water mark is reported only (`status`), from the autoextend policy.
+    fn grow_data(&self, size: Bytes, _low_water_mark: DataBlocks) -> Result<()> {
+        loopback::extend(&self.data_file, size.0)?;
+        failpoint::hit("grow:after_file");
+        loopback::ensure_capacity(&self.data_dev, size.0)?;
+        fsutil::run("xfs_growfs", &["-d".as_ref(), self.mnt.as_os_str()])?;
+        info!(size = %size, mnt = %self.mnt.display(), "pool XFS grown");
+        Ok(())
+    }
+
+    /// Refused: the metadata file is the XFS's external log, whose size is fixed at mkfs
+    /// (`xfs_growfs -L` cannot resize an external log while mounted).
+    fn grow_metadata(&self, _size: Bytes) -> Result<()> {
+        Err(Error::FailedPrecondition(
+            "the reflink backend's metadata file holds the XFS log, which cannot grow online; \
+             it never fills up (the log is circular), so only data needs growing"
+                .into(),
+        ))
+    }
+
+    fn metadata_grows(&self) -> bool {
+        false
+    }
+
+    /// None: nothing raises an event when the XFS fills; the monitor polls.
+    fn events(&self) -> Result<Option<Box<dyn PoolEvents>>> {
+        Ok(None)
     }
 
     /// Detaches every device loop, unmounts the XFS, detaches the data and metadata loops.
