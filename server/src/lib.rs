@@ -19,6 +19,9 @@ use tracing::info;
 
 pub use service::{SIZE_LABEL, Service, StaticInfo};
 
+/// How often the space monitor checks the pool besides the kernel's events.
+pub const MONITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// containerd's proxy client allows 16 MiB messages; so do we.
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
 
@@ -93,8 +96,9 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
 }
 
 /// Serves both APIs on `listener` until `shutdown` resolves, then stops accepting, lets
-/// in-flight requests finish and returns. The background reclaimer runs meanwhile and is
-/// stopped (after finishing a reclaim in progress) before this returns.
+/// in-flight requests finish and returns. The background reclaimer and the engine's space
+/// monitor run meanwhile and are stopped (after finishing work in progress) before this
+/// returns.
 pub async fn serve(
     service: Service,
     listener: UnixListener,
@@ -103,7 +107,20 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reclaimer = {
         let s = service.clone();
-        tokio::spawn(async move { s.run_reclaimer(stop_rx).await })
+        let stop = stop_rx.clone();
+        tokio::spawn(async move { s.run_reclaimer(stop).await })
+    };
+    // The engine's space monitor: autoextend by the pool's policy (off by default), and
+    // mode changes logged.
+    let monitor = {
+        let mut stop = stop_rx;
+        tokio::spawn(thinpool::run_autoextend(
+            service.pool().clone(),
+            MONITOR_PERIOD,
+            async move {
+                let _ = stop.changed().await;
+            },
+        ))
     };
     let snapshots = SnapshotsServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
@@ -119,5 +136,6 @@ pub async fn serve(
         .await;
     let _ = stop_tx.send(true);
     let _ = reclaimer.await;
+    let _ = monitor.await;
     result
 }

@@ -663,7 +663,9 @@ impl Admin for Service {
                 metadata_space_used: k.metadata_used.0,
                 metadata_space_total: k.metadata_total.0,
                 metadata_space_available: k.metadata_total.0.saturating_sub(k.metadata_used.0),
-                thin_pool_minimum_free_space: k.data_total.0 / 10,
+                thin_pool_minimum_free_space: k.data_total.0 * settings.min_free_space.0 as u64
+                    / 100,
+                min_free_space_percent: settings.min_free_space.0,
                 udev_sync_supported: "not applicable".into(),
                 deferred_removal_enabled: true,
                 deferred_deletion_enabled: true,

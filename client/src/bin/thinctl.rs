@@ -221,6 +221,7 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
             "metadata_total_bytes": s.metadata_space_total,
             "metadata_available_bytes": s.metadata_space_available,
             "min_free_space_bytes": s.thin_pool_minimum_free_space,
+            "min_free_space_percent": s.min_free_space_percent,
             "udev_sync_supported": s.udev_sync_supported,
             "deferred_removal_enabled": s.deferred_removal_enabled,
             "deferred_deletion_enabled": s.deferred_deletion_enabled,
@@ -267,7 +268,11 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
         ("Metadata Space Available", b(s.metadata_space_available)),
         (
             "Thin Pool Minimum Free Space",
-            b(s.thin_pool_minimum_free_space),
+            format!(
+                "{} ({}%)",
+                b(s.thin_pool_minimum_free_space),
+                s.min_free_space_percent
+            ),
         ),
         ("Udev Sync Supported", s.udev_sync_supported.clone()),
         (
