@@ -39,11 +39,6 @@ impl Harness {
         let root = pool_dir(test, false);
         let socket = root.join("thinpool.sock");
         let spec = small_spec(&root);
-        // Pool creation concurrent with another pool's creation in the same process has been
-        // seen to fail now and then with "device ... is in use (open by another process)"
-        // when the base device is detached after mkfs; create one pool at a time.
-        static CREATE: Mutex<()> = Mutex::new(());
-        let _one_at_a_time = CREATE.lock().unwrap_or_else(|p| p.into_inner());
         let pool = rt
             .block_on(AsyncPool::open(spec))
             .unwrap_or_else(|e| panic!("open pool: {e}"));
