@@ -12,7 +12,7 @@
 //! (snapshots for the List figure, default 10000). Prints markdown.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,6 +246,63 @@ fn main() {
     rt.block_on(server).unwrap().unwrap();
     drop(c);
 
+    // ---- report, part 1
+    let (se50, se99) = percentiles(serial_engine.clone());
+    let (sg50, sg99) = percentiles(serial_grpc.clone());
+    let (ce50, ce99) = percentiles(conc_engine.clone());
+    let (cg50, cg99) = percentiles(conc_grpc.clone());
+    let conc_ops = (per_worker * WORKERS * PASSES) as f64;
+    println!("=== BENCH BEGIN ===");
+    println!(
+        "## gRPC overhead and List at scale ({} backend)\n",
+        thinpool_tests::backend()
+    );
+    println!(
+        "Prepare→Mounts: gRPC = `Prepare` + `Mounts` over the unix socket (in-process server, \
+         one connection per worker); engine = `Pool::snapshot` (activating) + `activate` + `activate` on \
+         the same pool. {PASSES} alternating passes; {} serial ops and {} concurrent ops per \
+         mode.\n",
+        serial_engine.len(),
+        conc_ops
+    );
+    println!(
+        "| Prepare→Mounts | engine p50 | gRPC p50 | overhead | engine p99 | gRPC p99 | overhead |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| serial | {se50:.2} ms | {sg50:.2} ms | {} | {se99:.2} ms | {sg99:.2} ms | {} |",
+        fmt_ratio(sg50, se50),
+        fmt_ratio(sg99, se99)
+    );
+    println!(
+        "| {WORKERS}-way concurrent | {ce50:.2} ms | {cg50:.2} ms | {} | {ce99:.2} ms | {cg99:.2} ms | {} |",
+        fmt_ratio(cg50, ce50),
+        fmt_ratio(cg99, ce99)
+    );
+    let (st_e50, st_e99) = percentiles(stat_engine.clone());
+    let (st_g50, st_g99) = percentiles(stat_grpc.clone());
+    println!(
+        "| one RPC: Stat vs `Pool::device` | {st_e50:.3} ms | {st_g50:.3} ms | +{:.3} ms | {st_e99:.3} ms | {st_g99:.3} ms | +{:.3} ms |",
+        st_g50 - st_e50,
+        st_g99 - st_e99
+    );
+    println!(
+        "| {WORKERS}-way throughput | {:.0} ops/s | {:.0} ops/s | {} | | | |",
+        conc_ops / wall_engine,
+        conc_ops / wall_grpc,
+        fmt_ratio(wall_grpc, wall_engine)
+    );
+    if list_n == 0 {
+        println!("\n(List figures skipped: THINPOOL_BENCH_LIST=0.)");
+        println!("=== BENCH END ===");
+        drop(pool);
+        if let Ok(p) = Arc::try_unwrap(engine) {
+            let _ = p.close(true);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+
     // ---- 10,000 snapshots (created through the engine, inactive: no loop devices)
     let t = Instant::now();
     let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -332,53 +389,10 @@ fn main() {
     }
 
     // ---- report
-    let (se50, se99) = percentiles(serial_engine.clone());
-    let (sg50, sg99) = percentiles(serial_grpc.clone());
-    let (ce50, ce99) = percentiles(conc_engine.clone());
-    let (cg50, cg99) = percentiles(conc_grpc.clone());
-    let conc_ops = (per_worker * WORKERS * PASSES) as f64;
+    // ---- report, part 2
     let (el50, _) = percentiles(engine_list.clone());
     let (gl50, _) = percentiles(grpc_list.clone());
     let gl_max = grpc_list.iter().cloned().fold(0.0, f64::max);
-    println!(
-        "## gRPC overhead and List at scale ({} backend)\n",
-        thinpool_tests::backend()
-    );
-    println!(
-        "Prepare→Mounts: gRPC = `Prepare` + `Mounts` over the unix socket (in-process server, \
-         one connection per worker); engine = `Pool::snapshot` (activating) + `activate` + `activate` on \
-         the same pool. {PASSES} alternating passes; {} serial ops and {} concurrent ops per \
-         mode.\n",
-        serial_engine.len(),
-        conc_ops
-    );
-    println!(
-        "| Prepare→Mounts | engine p50 | gRPC p50 | overhead | engine p99 | gRPC p99 | overhead |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| serial | {se50:.2} ms | {sg50:.2} ms | {} | {se99:.2} ms | {sg99:.2} ms | {} |",
-        fmt_ratio(sg50, se50),
-        fmt_ratio(sg99, se99)
-    );
-    println!(
-        "| {WORKERS}-way concurrent | {ce50:.2} ms | {cg50:.2} ms | {} | {ce99:.2} ms | {cg99:.2} ms | {} |",
-        fmt_ratio(cg50, ce50),
-        fmt_ratio(cg99, ce99)
-    );
-    let (st_e50, st_e99) = percentiles(stat_engine.clone());
-    let (st_g50, st_g99) = percentiles(stat_grpc.clone());
-    println!(
-        "| one RPC: Stat vs `Pool::device` | {st_e50:.3} ms | {st_g50:.3} ms | +{:.3} ms | {st_e99:.3} ms | {st_g99:.3} ms | +{:.3} ms |",
-        st_g50 - st_e50,
-        st_g99 - st_e99
-    );
-    println!(
-        "| {WORKERS}-way throughput | {:.0} ops/s | {:.0} ops/s | {} | | | |",
-        conc_ops / wall_engine,
-        conc_ops / wall_grpc,
-        fmt_ratio(wall_grpc, wall_engine)
-    );
     println!();
     println!(
         "List with {list_n} snapshots (created in {create_s:.1} s through the engine, 8 threads; \
@@ -399,6 +413,6 @@ fn main() {
         "| thinpoold RSS after 5 Lists | {:.1} MiB | |",
         rss_after as f64 / 1024.0
     );
+    println!("=== BENCH END ===");
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = Path::new(&dir);
 }
