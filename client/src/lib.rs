@@ -37,8 +37,24 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The daemon answered with an error; `code()` says which.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("{}", status_text(.0))]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> ClientError {
+        ClientError::Status(s)
+    }
+}
+
+/// "code: message", without repeating the code when the message already starts with it.
+fn status_text(s: &tonic::Status) -> String {
+    let code = code_name(s.code());
+    if s.message().starts_with(code) {
+        s.message().to_string()
+    } else {
+        format!("{code}: {}", s.message())
+    }
 }
 
 impl ClientError {
