@@ -231,3 +231,61 @@ fn daemon_socket_restart_and_thinctl() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `thinctl pool grow`: grows the data file (sizes before and after, human and JSON; pool
+/// status agrees); shrinking is refused with a clear message and a non-zero exit.
+#[test]
+fn thinctl_pool_grow() {
+    let dir = pool_dir("daemon-grow", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+    let d = Daemon::start(&root, &socket, &[]);
+    let total = |d: &Daemon| {
+        let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+        assert!(ok, "{err}");
+        json(&out)["data_total_bytes"].as_u64().unwrap()
+    };
+    let start = total(&d);
+
+    let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", "+512M"]);
+    assert!(ok, "grow failed: {err}");
+    assert!(out.contains("data:") && out.contains("->"), "{out}");
+    let mid = total(&d);
+    assert!(
+        mid > start,
+        "pool status shows the growth: {start} -> {mid}"
+    );
+
+    let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", "+512M", "--json"]);
+    assert!(ok, "grow failed: {err}");
+    let g = json(&out);
+    let before = g["data_size_before_bytes"].as_u64().unwrap();
+    let after = g["data_size_after_bytes"].as_u64().unwrap();
+    assert_eq!(after, before + (512 << 20), "{out}");
+    assert_eq!(
+        g["metadata_size_before_bytes"],
+        g["metadata_size_after_bytes"]
+    );
+    let end = total(&d);
+    assert!(end > mid, "pool status shows the growth: {mid} -> {end}");
+
+    // Shrinking (and growing to the same size) is refused, clearly.
+    for size in ["1G".to_string(), after.to_string()] {
+        let size = size.as_str();
+        let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", size]);
+        assert!(!ok, "grow to {size} succeeded: {out}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.contains("invalid argument") && err.contains("never shrink"),
+            "{err}"
+        );
+    }
+    // Nothing to grow, or a bad size: refused too.
+    let (ok, _, err) = d.thinctl(&["pool", "grow"]);
+    assert!(!ok && err.contains("nothing to grow"), "{err}");
+    let (ok, _, err) = d.thinctl(&["pool", "grow", "--data", "+lots"]);
+    assert!(!ok && err.contains("invalid argument"), "{err}");
+    assert_eq!(total(&d), end, "failed grows change nothing");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
