@@ -239,7 +239,31 @@ fn thinctl_pool_grow() {
     let dir = pool_dir("daemon-grow", false);
     let root = dir.join("pool");
     let socket = dir.join("run").join("thinpool.sock");
-    let d = Daemon::start(&root, &socket, &[]);
+    // The space flags are taken (and a bad one refused, naming it).
+    let mut bad = Daemon::spawn(&root, &socket, &["--autoextend-threshold", "20"]);
+    let st = bad.child.as_mut().unwrap().wait().unwrap();
+    bad.child = None;
+    assert!(!st.success());
+    assert!(bad.log_text().contains("threshold"), "{}", bad.log_text());
+    drop(bad);
+    let flags = [
+        "--min-free-space",
+        "5",
+        "--autoextend-threshold",
+        "90",
+        "--autoextend-percent",
+        "10",
+        "--autoextend-max",
+        "64G",
+    ];
+    let d = Daemon::start(&root, &socket, &flags);
+    let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        json(&out)["min_free_space_percent"].as_u64(),
+        Some(5),
+        "{out}"
+    );
     let total = |d: &Daemon| {
         let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
         assert!(ok, "{err}");
