@@ -135,7 +135,7 @@ pub struct Config {
     pub base_size: Option<Bytes>,
     pub block_size: Option<Bytes>,
     pub fs: Option<FsType>,
-    /// Accepted and kept for the metrics endpoint (a later issue); nothing listens yet.
+    /// Where /metrics is served; empty: not served.
     pub metrics_addr: String,
     pub socket_group: Option<String>,
     pub imagefs_dir: PathBuf,

@@ -45,7 +45,7 @@ struct Args {
     /// Filesystem of the base device: ext4 or xfs.
     #[arg(long)]
     fs: Option<FsType>,
-    /// Address for the metrics endpoint (not served yet) [default: 127.0.0.1:9095]
+    /// Address for the Prometheus /metrics endpoint; empty disables it [default: 127.0.0.1:9095]
     #[arg(long)]
     metrics_addr: Option<String>,
     /// Group owning the socket (mode 0660) [default: root]
@@ -159,7 +159,19 @@ async fn main() -> Result<()> {
         warn!(dir = %config.imagefs_dir.display(), error = %e,
             "could not create the image-fs directory CRI reports to kubelet");
     }
-    info!(addr = %config.metrics_addr, "metrics endpoint not served yet (a later issue)");
+    let metrics_task = if config.metrics_addr.is_empty() {
+        info!("metrics endpoint disabled (empty --metrics-addr)");
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&config.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+        info!(addr = %config.metrics_addr, "serving /metrics");
+        Some(tokio::spawn(thinpool_server::metrics::serve(
+            l,
+            pool.clone(),
+        )))
+    };
     let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
         .context("setting up the socket")?;
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
@@ -178,6 +190,9 @@ async fn main() -> Result<()> {
         }
     };
     thinpool_server::serve(service, listener, shutdown).await?;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }

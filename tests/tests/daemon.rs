@@ -313,3 +313,96 @@ fn thinctl_pool_grow() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// thinpoold's /metrics: the required names, and figures that agree with pool status.
+#[test]
+fn daemon_metrics_endpoint() {
+    let dir = pool_dir("daemon-metrics", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&root, &socket, &["--metrics-addr", &addr]);
+    let mut last = None;
+    for _ in 0..5 {
+        let text = get_metrics(&addr);
+        for name in [
+            "thinpool_data_used_bytes",
+            "thinpool_data_size_bytes",
+            "thinpool_metadata_used_bytes",
+            "thinpool_metadata_size_bytes",
+            "thinpool_host_free_bytes",
+            "thinpool_low_water_mark_bytes",
+            "thinpool_needs_check",
+            "thinpool_transaction_id",
+        ] {
+            assert!(metric(&text, name).is_some(), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("thinpool_pool_mode{mode=\"rw\"} 1"), "{text}");
+        assert!(text.contains("thinpool_devices{kind=\"base\"} 1"), "{text}");
+        assert!(text.contains("thinpool_autoextend_events_total"), "{text}");
+        assert!(text.contains("thinpool_guard_rejections_total"), "{text}");
+        assert!(text.contains("thinpool_build_info{"), "{text}");
+        let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+        assert!(ok, "{err}");
+        let st = json(&out);
+        let used = metric(&text, "thinpool_data_used_bytes").unwrap() as u64;
+        let size = metric(&text, "thinpool_data_size_bytes").unwrap() as u64;
+        assert_eq!(st["data_total_bytes"].as_u64(), Some(size));
+        if st["data_used_bytes"].as_u64() == Some(used) {
+            last = Some(text);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let text = last.expect("thinpool_data_used_bytes never agreed with pool status");
+    if std::path::Path::new("/usr/bin/promtool").exists() {
+        let f = dir.join("metrics.txt");
+        std::fs::write(&f, &text).unwrap();
+        let out = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&f).unwrap())
+            .output()
+            .unwrap();
+        // promtool (2.42) lints the OpenMetrics text as the Prometheus text format, where a
+        // counter family's HELP (named without `_total`) does not cover its `_total` sample:
+        // those "no help text" lines are expected. Anything else is a real problem.
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let problems: Vec<&str> = report
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !(l.contains("_total no help text")))
+            .collect();
+        assert!(problems.is_empty(), "promtool check metrics: {report}");
+    }
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
