@@ -406,3 +406,37 @@ fn daemon_metrics_endpoint() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// deploy/prometheus/thinpool-rules.yml parses and uses only names thinpoold exports.
+#[test]
+fn prometheus_rules_check() {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/thinpool-rules.yml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    for name in [
+        "thinpool_data_used_bytes",
+        "thinpool_data_size_bytes",
+        "thinpool_metadata_used_bytes",
+        "thinpool_metadata_size_bytes",
+        "thinpool_needs_check",
+        "thinpool_pool_mode",
+        "thinpool_autoextend_max_bytes",
+    ] {
+        assert!(text.contains(name), "{name} not used by the rules");
+    }
+    if !std::path::Path::new("/usr/bin/promtool").exists() {
+        eprintln!("promtool not installed (apt-get install prometheus): rules not checked");
+        return;
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
