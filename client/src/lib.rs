@@ -18,7 +18,7 @@ use thinpool_proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
-pub use thinpool_proto::admin::{AuditResponse, Device, PoolStatusResponse};
+pub use thinpool_proto::admin::{AuditResponse, Device, GrowPoolResponse, PoolStatusResponse};
 pub use thinpool_proto::snapshots::{Info, Kind};
 pub use thinpool_proto::types::Mount;
 
@@ -320,6 +320,21 @@ impl Client {
 
     pub async fn audit(&mut self) -> Result<AuditResponse> {
         Ok(self.admin.audit(admin::AuditRequest {}).await?.into_inner())
+    }
+
+    /// Grows the pool: `data`/`metadata` are "SIZE" (grow to) or "+SIZE" (grow by).
+    pub async fn grow_pool(
+        &mut self,
+        data: Option<&str>,
+        metadata: Option<&str>,
+        force: bool,
+    ) -> Result<GrowPoolResponse> {
+        let req = admin::GrowPoolRequest {
+            data: data.unwrap_or_default().to_string(),
+            metadata: metadata.unwrap_or_default().to_string(),
+            force,
+        };
+        Ok(self.admin.grow_pool(req).await?.into_inner())
     }
 }
 

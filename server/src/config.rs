@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use thinpool::{Bytes, FsType};
+use thinpool::{AutoextendPolicy, Bytes, FsType, Percent};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/thinpool";
 pub const DEFAULT_SOCKET: &str = "/run/thinpool/thinpool.sock";
@@ -39,6 +39,14 @@ pub enum SizeValue {
     Number(u64),
 }
 
+/// A percentage in the TOML file: `80` or `"80%"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PercentValue {
+    Text(String),
+    Number(u32),
+}
+
 /// The TOML file. Every key is optional.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -61,6 +69,14 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     #[serde(alias = "imagefs_dir")]
     pub imagefs_dir: Option<PathBuf>,
+    #[serde(alias = "min_free_space")]
+    pub min_free_space: Option<PercentValue>,
+    #[serde(alias = "autoextend_threshold")]
+    pub autoextend_threshold: Option<PercentValue>,
+    #[serde(alias = "autoextend_percent")]
+    pub autoextend_percent: Option<PercentValue>,
+    #[serde(alias = "autoextend_max")]
+    pub autoextend_max: Option<SizeValue>,
 }
 
 impl FileConfig {
@@ -94,6 +110,10 @@ pub struct Flags {
     pub metrics_addr: Option<String>,
     pub socket_group: Option<String>,
     pub imagefs_dir: Option<PathBuf>,
+    pub min_free_space: Option<Percent>,
+    pub autoextend_threshold: Option<Percent>,
+    pub autoextend_percent: Option<Percent>,
+    pub autoextend_max: Option<Bytes>,
 }
 
 /// Which backend to use.
@@ -115,10 +135,26 @@ pub struct Config {
     pub base_size: Option<Bytes>,
     pub block_size: Option<Bytes>,
     pub fs: Option<FsType>,
-    /// Accepted and kept for the metrics endpoint (a later issue); nothing listens yet.
+    /// Where /metrics is served; empty: not served.
     pub metrics_addr: String,
     pub socket_group: Option<String>,
     pub imagefs_dir: PathBuf,
+    /// The pool's min_free_space, if given (else the pool keeps its own).
+    pub min_free_space: Option<Percent>,
+    /// The data autoextend policy, if any of its settings was given: the ones not given
+    /// take [`AutoextendPolicy::OFF`]'s values (threshold 100 = off, 20% steps, no max).
+    pub autoextend_data: Option<AutoextendPolicy>,
+}
+
+fn percent(key: &'static str, v: Option<PercentValue>) -> Result<Option<Percent>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(PercentValue::Number(n)) => Ok(Some(Percent(n))),
+        Some(PercentValue::Text(s)) => s.parse().map(Some).map_err(|e| ConfigError::Value {
+            key,
+            message: format!("{e}"),
+        }),
+    }
 }
 
 fn size(key: &'static str, v: Option<SizeValue>) -> Result<Option<Bytes>, ConfigError> {
@@ -159,7 +195,39 @@ impl Config {
                 })
                 .transpose()?,
         };
+        let min_free_space = flags.min_free_space.map_or_else(
+            || percent("min-free-space", file.min_free_space),
+            |v| Ok(Some(v)),
+        )?;
+        let threshold = flags.autoextend_threshold.map_or_else(
+            || percent("autoextend-threshold", file.autoextend_threshold),
+            |v| Ok(Some(v)),
+        )?;
+        let step = flags.autoextend_percent.map_or_else(
+            || percent("autoextend-percent", file.autoextend_percent),
+            |v| Ok(Some(v)),
+        )?;
+        let max = flags.autoextend_max.map_or_else(
+            || size("autoextend-max", file.autoextend_max),
+            |v| Ok(Some(v)),
+        )?;
+        let autoextend_data = if threshold.is_some() || step.is_some() || max.is_some() {
+            let p = AutoextendPolicy {
+                threshold: threshold.unwrap_or(AutoextendPolicy::OFF.threshold),
+                percent: step.unwrap_or(AutoextendPolicy::OFF.percent),
+                max: max.or(AutoextendPolicy::OFF.max),
+            };
+            p.validate("data").map_err(|e| ConfigError::Value {
+                key: "autoextend",
+                message: e.to_string(),
+            })?;
+            Some(p)
+        } else {
+            None
+        };
         Ok(Config {
+            min_free_space,
+            autoextend_data,
             root: flags
                 .root
                 .or(file.root)
@@ -249,5 +317,40 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("backend"), "{e}");
+    }
+
+    #[test]
+    fn space_settings_from_flags_and_file() {
+        let c = Config::merge(Flags::default(), FileConfig::default()).unwrap();
+        assert_eq!(c.min_free_space, None);
+        assert_eq!(c.autoextend_data, None, "not given: the pool keeps its own");
+        let file = FileConfig::parse(
+            r#"
+            min-free-space = "5%"
+            autoextend_threshold = 70
+            autoextend-max = "200G"
+            "#,
+        )
+        .unwrap();
+        let flags = Flags {
+            autoextend_threshold: Some(Percent(80)),
+            ..Flags::default()
+        };
+        let c = Config::merge(flags, file).unwrap();
+        assert_eq!(c.min_free_space, Some(Percent(5)));
+        assert_eq!(
+            c.autoextend_data,
+            Some(AutoextendPolicy {
+                threshold: Percent(80),
+                percent: AutoextendPolicy::OFF.percent,
+                max: Some(Bytes::gib(200)),
+            })
+        );
+        let e = Config::merge(
+            Flags::default(),
+            FileConfig::parse("autoextend-threshold = 20").unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("threshold"), "{e}");
     }
 }

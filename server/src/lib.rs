@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod filter;
+pub mod metrics;
 pub mod service;
 
 use std::future::Future;

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use thinpool::{AsyncPool, BackendKind, Bytes, FsType, PoolSpec};
+use thinpool::{AsyncPool, BackendKind, Bytes, FsType, Percent, PoolSpec};
 use thinpool_server::config::{BackendChoice, Config, FileConfig, Flags};
 use thinpool_server::{Service, StaticInfo};
 use tracing::{info, warn};
@@ -45,7 +45,7 @@ struct Args {
     /// Filesystem of the base device: ext4 or xfs.
     #[arg(long)]
     fs: Option<FsType>,
-    /// Address for the metrics endpoint (not served yet) [default: 127.0.0.1:9095]
+    /// Address for the Prometheus /metrics endpoint; empty disables it [default: 127.0.0.1:9095]
     #[arg(long)]
     metrics_addr: Option<String>,
     /// Group owning the socket (mode 0660) [default: root]
@@ -55,6 +55,20 @@ struct Args {
     /// [default: /var/lib/containerd/io.containerd.snapshotter.v1.thinpool]
     #[arg(long)]
     imagefs_dir: Option<PathBuf>,
+    /// Refuse new snapshots below this share of free pool space (0 turns the guard off)
+    /// [default: the pool's, 10% for a new pool]
+    #[arg(long, value_name = "PCT")]
+    min_free_space: Option<Percent>,
+    /// Autoextend the data file when usage exceeds this share: 50 to 99, 100 = off
+    /// [default: 100]
+    #[arg(long, value_name = "PCT")]
+    autoextend_threshold: Option<Percent>,
+    /// Autoextend step, as a share of the data size (1 to 1000) [default: 20]
+    #[arg(long, value_name = "PCT")]
+    autoextend_percent: Option<Percent>,
+    /// Never autoextend the data file beyond this size [default: no limit]
+    #[arg(long, value_name = "SIZE")]
+    autoextend_max: Option<Bytes>,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -92,6 +106,10 @@ async fn main() -> Result<()> {
         metrics_addr: args.metrics_addr,
         socket_group: args.socket_group,
         imagefs_dir: args.imagefs_dir,
+        min_free_space: args.min_free_space,
+        autoextend_threshold: args.autoextend_threshold,
+        autoextend_percent: args.autoextend_percent,
+        autoextend_max: args.autoextend_max,
     };
     let config = Config::merge(flags, file)?;
     let backend = match config.backend {
@@ -111,6 +129,8 @@ async fn main() -> Result<()> {
         block_size: config.block_size,
         base_size: config.base_size,
         fs: config.fs,
+        min_free_space: config.min_free_space,
+        autoextend_data: config.autoextend_data,
         ..PoolSpec::default()
     };
     let pool = match AsyncPool::open(spec).await {
@@ -139,7 +159,19 @@ async fn main() -> Result<()> {
         warn!(dir = %config.imagefs_dir.display(), error = %e,
             "could not create the image-fs directory CRI reports to kubelet");
     }
-    info!(addr = %config.metrics_addr, "metrics endpoint not served yet (a later issue)");
+    let metrics_task = if config.metrics_addr.is_empty() {
+        info!("metrics endpoint disabled (empty --metrics-addr)");
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&config.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+        info!(addr = %config.metrics_addr, "serving /metrics");
+        Some(tokio::spawn(thinpool_server::metrics::serve(
+            l,
+            pool.clone(),
+        )))
+    };
     let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
         .context("setting up the socket")?;
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
@@ -158,6 +190,9 @@ async fn main() -> Result<()> {
         }
     };
     thinpool_server::serve(service, listener, shutdown).await?;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use thinpool::{
     AsyncPool, BackendKind, Bytes, DeviceKind, DeviceName, DeviceRecord, DeviceState, Error,
-    ErrorKind, MountSpec, Pool, RemoveOptions, SnapshotRequest, ThinId,
+    ErrorKind, GrowRequest, MountSpec, Pool, RemoveOptions, SizeChange, SnapshotRequest, ThinId,
 };
 use thinpool_proto::admin::{self, admin_server::Admin};
 use thinpool_proto::snapshots::{self as pb, snapshots_server::Snapshots};
@@ -791,5 +791,45 @@ impl Admin for Service {
             })
         });
         traced("Audit", "", t, res)
+    }
+
+    async fn grow_pool(
+        &self,
+        req: Request<admin::GrowPoolRequest>,
+    ) -> Result<Response<admin::GrowPoolResponse>, Status> {
+        let r = req.into_inner();
+        let t = Instant::now();
+        let what = format!("data={:?} metadata={:?}", r.data, r.metadata);
+        let res = async {
+            let parse = |field: &str, s: &str| -> Result<Option<SizeChange>, Status> {
+                if s.is_empty() {
+                    return Ok(None);
+                }
+                s.parse()
+                    .map(Some)
+                    .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+            };
+            let grow = GrowRequest {
+                data: parse("data", &r.data)?,
+                metadata: parse("metadata", &r.metadata)?,
+                force: r.force,
+            };
+            let out = self.inner.pool.grow(grow).await.map_err(status)?;
+            info!(
+                data_before = out.before.data.0,
+                data_after = out.after.data.0,
+                metadata_before = out.before.metadata.0,
+                metadata_after = out.after.metadata.0,
+                "pool grown"
+            );
+            Ok(Response::new(admin::GrowPoolResponse {
+                data_size_before: out.before.data.0,
+                data_size_after: out.after.data.0,
+                metadata_size_before: out.before.metadata.0,
+                metadata_size_after: out.after.metadata.0,
+            }))
+        }
+        .await;
+        traced("GrowPool", &what, t, res)
     }
 }

@@ -195,6 +195,12 @@ impl Daemon {
                 .as_nanos()
         ));
         let logf = std::fs::File::create(&log).expect("log file");
+        // No metrics endpoint unless the test asks for one: daemons run concurrently.
+        let metrics: &[&str] = if extra.contains(&"--metrics-addr") {
+            &[]
+        } else {
+            &["--metrics-addr", ""]
+        };
         let child = Command::new(bin("thinpoold"))
             .arg("--root")
             .arg(root)
@@ -205,6 +211,7 @@ impl Daemon {
             .args(["--base-size", "256M"])
             .arg("--imagefs-dir")
             .arg(root.join("imagefs"))
+            .args(metrics)
             .args(extra)
             .env("RUST_LOG", "info,thinpool_server=debug")
             .stdout(Stdio::null())

@@ -231,3 +231,212 @@ fn daemon_socket_restart_and_thinctl() {
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `thinctl pool grow`: grows the data file (sizes before and after, human and JSON; pool
+/// status agrees); shrinking is refused with a clear message and a non-zero exit.
+#[test]
+fn thinctl_pool_grow() {
+    let dir = pool_dir("daemon-grow", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+    // The space flags are taken (and a bad one refused, naming it).
+    let mut bad = Daemon::spawn(&root, &socket, &["--autoextend-threshold", "20"]);
+    let st = bad.child.as_mut().unwrap().wait().unwrap();
+    bad.child = None;
+    assert!(!st.success());
+    assert!(bad.log_text().contains("threshold"), "{}", bad.log_text());
+    drop(bad);
+    let flags = [
+        "--min-free-space",
+        "5",
+        "--autoextend-threshold",
+        "90",
+        "--autoextend-percent",
+        "10",
+        "--autoextend-max",
+        "64G",
+    ];
+    let d = Daemon::start(&root, &socket, &flags);
+    let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        json(&out)["min_free_space_percent"].as_u64(),
+        Some(5),
+        "{out}"
+    );
+    let total = |d: &Daemon| {
+        let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+        assert!(ok, "{err}");
+        json(&out)["data_total_bytes"].as_u64().unwrap()
+    };
+    let start = total(&d);
+
+    let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", "+512M"]);
+    assert!(ok, "grow failed: {err}");
+    assert!(out.contains("data:") && out.contains("->"), "{out}");
+    let mid = total(&d);
+    assert!(
+        mid > start,
+        "pool status shows the growth: {start} -> {mid}"
+    );
+
+    let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", "+512M", "--json"]);
+    assert!(ok, "grow failed: {err}");
+    let g = json(&out);
+    let before = g["data_size_before_bytes"].as_u64().unwrap();
+    let after = g["data_size_after_bytes"].as_u64().unwrap();
+    assert_eq!(after, before + (512 << 20), "{out}");
+    assert_eq!(
+        g["metadata_size_before_bytes"],
+        g["metadata_size_after_bytes"]
+    );
+    let end = total(&d);
+    assert!(end > mid, "pool status shows the growth: {mid} -> {end}");
+
+    // Shrinking (and growing to the same size) is refused, clearly.
+    for size in ["1G".to_string(), after.to_string()] {
+        let size = size.as_str();
+        let (ok, out, err) = d.thinctl(&["pool", "grow", "--data", size]);
+        assert!(!ok, "grow to {size} succeeded: {out}");
+        assert!(out.is_empty(), "{out}");
+        assert!(
+            err.contains("invalid argument") && err.contains("never shrink"),
+            "{err}"
+        );
+    }
+    // Nothing to grow, or a bad size: refused too.
+    let (ok, _, err) = d.thinctl(&["pool", "grow"]);
+    assert!(!ok && err.contains("nothing to grow"), "{err}");
+    let (ok, _, err) = d.thinctl(&["pool", "grow", "--data", "+lots"]);
+    assert!(!ok && err.contains("invalid argument"), "{err}");
+    assert_eq!(total(&d), end, "failed grows change nothing");
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn get_metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// thinpoold's /metrics: the required names, and figures that agree with pool status.
+#[test]
+fn daemon_metrics_endpoint() {
+    let dir = pool_dir("daemon-metrics", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&root, &socket, &["--metrics-addr", &addr]);
+    let mut last = None;
+    for _ in 0..5 {
+        let text = get_metrics(&addr);
+        for name in [
+            "thinpool_data_used_bytes",
+            "thinpool_data_size_bytes",
+            "thinpool_metadata_used_bytes",
+            "thinpool_metadata_size_bytes",
+            "thinpool_host_free_bytes",
+            "thinpool_low_water_mark_bytes",
+            "thinpool_needs_check",
+            "thinpool_transaction_id",
+        ] {
+            assert!(metric(&text, name).is_some(), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("thinpool_pool_mode{mode=\"rw\"} 1"), "{text}");
+        assert!(text.contains("thinpool_devices{kind=\"base\"} 1"), "{text}");
+        assert!(text.contains("thinpool_autoextend_events_total"), "{text}");
+        assert!(text.contains("thinpool_guard_rejections_total"), "{text}");
+        assert!(text.contains("thinpool_build_info{"), "{text}");
+        let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+        assert!(ok, "{err}");
+        let st = json(&out);
+        let used = metric(&text, "thinpool_data_used_bytes").unwrap() as u64;
+        let size = metric(&text, "thinpool_data_size_bytes").unwrap() as u64;
+        assert_eq!(st["data_total_bytes"].as_u64(), Some(size));
+        if st["data_used_bytes"].as_u64() == Some(used) {
+            last = Some(text);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let text = last.expect("thinpool_data_used_bytes never agreed with pool status");
+    if std::path::Path::new("/usr/bin/promtool").exists() {
+        let f = dir.join("metrics.txt");
+        std::fs::write(&f, &text).unwrap();
+        let out = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&f).unwrap())
+            .output()
+            .unwrap();
+        // promtool (2.42) lints the OpenMetrics text as the Prometheus text format, where a
+        // counter family's HELP (named without `_total`) does not cover its `_total` sample:
+        // those "no help text" lines are expected. Anything else is a real problem.
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let problems: Vec<&str> = report
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| !(l.contains("_total no help text")))
+            .collect();
+        assert!(problems.is_empty(), "promtool check metrics: {report}");
+    }
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// deploy/prometheus/thinpool-rules.yml parses and uses only names thinpoold exports.
+#[test]
+fn prometheus_rules_check() {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/thinpool-rules.yml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    for name in [
+        "thinpool_data_used_bytes",
+        "thinpool_data_size_bytes",
+        "thinpool_metadata_used_bytes",
+        "thinpool_metadata_size_bytes",
+        "thinpool_needs_check",
+        "thinpool_pool_mode",
+        "thinpool_autoextend_max_bytes",
+    ] {
+        assert!(text.contains(name), "{name} not used by the rules");
+    }
+    if !std::path::Path::new("/usr/bin/promtool").exists() {
+        eprintln!("promtool not installed (apt-get install prometheus): rules not checked");
+        return;
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

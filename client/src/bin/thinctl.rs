@@ -62,6 +62,20 @@ enum PoolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Grows the pool's data and/or metadata files; prints the sizes before and after.
+    Grow {
+        /// New data size: SIZE (grow to) or +SIZE (grow by), e.g. 2G, +512M.
+        #[arg(long)]
+        data: Option<String>,
+        /// New metadata size (dm only): SIZE or +SIZE.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Grow even if the host filesystem has less free space than the files could take.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -524,6 +538,42 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if !a.clean {
                 bail!("the audit found problems");
+            }
+        }
+        Cmd::Pool {
+            cmd:
+                PoolCmd::Grow {
+                    data,
+                    metadata,
+                    force,
+                    json,
+                },
+        } => {
+            if data.is_none() && metadata.is_none() {
+                bail!("nothing to grow: give --data and/or --metadata");
+            }
+            let g = c
+                .grow_pool(data.as_deref(), metadata.as_deref(), force)
+                .await?;
+            if json {
+                print_json(&json!({
+                    "data_size_before_bytes": g.data_size_before,
+                    "data_size_after_bytes": g.data_size_after,
+                    "metadata_size_before_bytes": g.metadata_size_before,
+                    "metadata_size_after_bytes": g.metadata_size_after,
+                }))?;
+            } else {
+                let b = |n: u64| Bytes(n).to_string();
+                println!(
+                    "data:     {} -> {}",
+                    b(g.data_size_before),
+                    b(g.data_size_after)
+                );
+                println!(
+                    "metadata: {} -> {}",
+                    b(g.metadata_size_before),
+                    b(g.metadata_size_after)
+                );
             }
         }
         Cmd::Device {
