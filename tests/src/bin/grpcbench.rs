@@ -3,7 +3,7 @@
 //!
 //! Each figure beside its baseline, measured in the same run on the same pool:
 //! - Prepare→Mounts latency through gRPC (in-process server, unix socket, one connection per
-//!   worker) against the same engine calls made directly (activating snapshot + activate + activate),
+//!   worker; the clients on runtimes of their own, as in a separate process) against the same engine calls made directly (activating snapshot + activate + activate),
 //!   serial and 32-way concurrent; passes alternate between the two to share any noise.
 //! - List of 10,000 snapshots through a real thinpoold, against the engine's own read of
 //!   all records; and thinpoold's RSS with 10,000 snapshots.
@@ -146,10 +146,21 @@ fn main() {
         let _ = stop_rx.await;
     }));
 
+    // The clients run on runtimes of their own, as containerd does in its own process: a
+    // client sharing the server's two worker threads would make them contend for those.
+    let crt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let crt_mt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
     // ---- Prepare→Mounts, serial
     let mut serial_engine = Vec::new();
     let mut serial_grpc = Vec::new();
-    let mut c = rt.block_on(Client::connect(&socket)).unwrap();
+    let mut c = crt.block_on(Client::connect(&socket)).unwrap();
     for pass in 0..PASSES {
         let keys: Vec<String> = (0..ops).map(|i| format!("e{pass}-{i}")).collect();
         for k in &keys {
@@ -157,7 +168,7 @@ fn main() {
         }
         clean(&engine, &keys);
         let keys: Vec<String> = (0..ops).map(|i| format!("g{pass}-{i}")).collect();
-        rt.block_on(async {
+        crt.block_on(async {
             for k in &keys {
                 serial_grpc.push(grpc_op(&mut c, k).await);
             }
@@ -174,7 +185,7 @@ fn main() {
             engine.device(&name("layer")).unwrap();
             stat_engine.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        rt.block_on(async {
+        crt.block_on(async {
             for _ in 0..ops {
                 let t = Instant::now();
                 c.stat("layer").await.unwrap();
@@ -210,7 +221,7 @@ fn main() {
             .collect();
         clean(&engine, &keys);
 
-        let lat: Vec<f64> = rt.block_on(async {
+        let lat: Vec<f64> = crt_mt.block_on(async {
             let mut clients = Vec::new();
             for _ in 0..WORKERS {
                 clients.push(Client::connect(&socket).await.unwrap());
@@ -242,9 +253,13 @@ fn main() {
             .collect();
         clean(&engine, &keys);
     }
+    // Close the clients' connections (dropping their runtimes ends their tasks) so that the
+    // server's graceful shutdown does not wait for them.
+    drop(c);
+    drop(crt);
+    drop(crt_mt);
     let _ = stop_tx.send(());
     rt.block_on(server).unwrap().unwrap();
-    drop(c);
 
     // ---- report, part 1
     let (se50, se99) = percentiles(serial_engine.clone());
