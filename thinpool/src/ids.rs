@@ -56,9 +56,17 @@ pub const MAX_LABELS_TOTAL: usize = 64 * 1024;
 ///
 /// It is data, never a path or an argument: it is only stored and compared. It must be
 /// non-empty, at most [`MAX_NAME_LEN`] bytes, and free of NUL and other control characters.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DeviceName(String);
+
+/// Debug is the quoted, escaped name (`"my-key"`), as error messages show it: the name is
+/// client data, so it is never printed raw where a reader could mistake it for our text.
+impl fmt::Debug for DeviceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl DeviceName {
     pub fn new(name: impl Into<String>) -> Result<DeviceName> {
@@ -158,6 +166,13 @@ mod tests {
         assert!(DeviceName::new("").is_err());
         assert!(DeviceName::new("a\0b").is_err());
         assert!(DeviceName::new("x".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn names_print_quoted_in_messages() {
+        let n = DeviceName::new("a \"b\"").unwrap();
+        assert_eq!(format!("device {n:?}"), r#"device "a \"b\"""#);
+        assert_eq!(n.to_string(), r#"a "b""#);
     }
 
     #[test]
