@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod filter;
+pub mod grpc_metrics;
 pub mod metrics;
 pub mod service;
 
@@ -105,6 +106,17 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    serve_counted(service, listener, shutdown, Default::default()).await
+}
+
+/// [`serve`], counting every request by method and status code in `grpc` (which `/metrics`
+/// reads; see [`grpc_metrics`]).
+pub async fn serve_counted(
+    service: Service,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+    grpc: std::sync::Arc<grpc_metrics::GrpcMetrics>,
+) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reclaimer = {
         let s = service.clone();
@@ -131,6 +143,7 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let result = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::debug_span!("rpc", path = %req.uri().path()))
+        .layer(grpc_metrics::GrpcMetricsLayer::new(grpc))
         .add_service(snapshots)
         .add_service(admin)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
