@@ -95,7 +95,10 @@ fn split(path: &'static str) -> (&'static str, &'static str) {
 
 impl GrpcMetrics {
     fn row(path: &str) -> usize {
-        METHODS.iter().position(|m| *m == path).unwrap_or(METHODS.len())
+        METHODS
+            .iter()
+            .position(|m| *m == path)
+            .unwrap_or(METHODS.len())
     }
 
     fn record(&self, row: usize, code: usize) {

@@ -174,176 +174,176 @@ impl Exporter {
         } = snap;
         let settings = self.pool.engine().settings();
         let pool = &self.pool;
-    let k = &st.kernel;
-    let mut reg = Registry::default();
-    gauge(
-        &mut reg,
-        "thinpool_data_used_bytes",
-        "Data space used in the pool.",
-        k.data_used.0,
-    );
-    gauge(
-        &mut reg,
-        "thinpool_data_size_bytes",
-        "Data space of the pool.",
-        k.data_total.0,
-    );
-    gauge(
-        &mut reg,
-        "thinpool_metadata_used_bytes",
-        "Metadata space used in the pool.",
-        k.metadata_used.0,
-    );
-    gauge(
-        &mut reg,
-        "thinpool_metadata_size_bytes",
-        "Metadata space of the pool.",
-        k.metadata_total.0,
-    );
-    if let Some(free) = host_free {
+        let k = &st.kernel;
+        let mut reg = Registry::default();
         gauge(
             &mut reg,
-            "thinpool_host_free_bytes",
-            "Free space of the host filesystem holding the pool files.",
-            free,
+            "thinpool_data_used_bytes",
+            "Data space used in the pool",
+            k.data_used.0,
         );
-    }
-    gauge(
-        &mut reg,
-        "thinpool_low_water_mark_bytes",
-        "The pool's low water mark.",
-        k.low_water_mark.0,
-    );
-    gauge(
-        &mut reg,
-        "thinpool_min_free_space_bytes",
-        "Free data space below which new snapshots are refused.",
-        k.data_total.0 * settings.min_free_space.0 as u64 / 100,
-    );
-    let autoextend_max = settings.autoextend_data.max.map_or(0, |b| b.0);
-    gauge(
-        &mut reg,
-        "thinpool_autoextend_max_bytes",
-        "Data size autoextend stops at (0: no limit or autoextend off).",
-        if settings.autoextend_data.enabled() {
-            autoextend_max
-        } else {
-            0
-        },
-    );
-    let mode = Family::<Vec<(String, String)>, Gauge<i64>>::default();
-    for m in ["rw", "ro", "out_of_data_space", "fail"] {
-        let v = i64::from(k.mode.to_string() == m);
-        mode.get_or_create(&vec![("mode".into(), m.into())]).set(v);
-    }
-    reg.register(
-        "thinpool_pool_mode",
-        "The pool's mode (1 for the current one).",
-        mode,
-    );
-    gauge(
-        &mut reg,
-        "thinpool_needs_check",
-        "1 if the pool's metadata needs a check.",
-        u64::from(k.needs_check),
-    );
-    gauge(
-        &mut reg,
-        "thinpool_transaction_id",
-        "The pool's metadata transaction id.",
-        k.transaction_id,
-    );
-    let mut by_kind: BTreeMap<&str, i64> =
-        [("base", 0), ("committed", 0), ("active", 0), ("view", 0)].into();
-    for d in &devices {
-        *by_kind.entry(kind_name(d.kind)).or_default() += 1;
-    }
-    let fam = Family::<Vec<(String, String)>, Gauge<i64>>::default();
-    for (kind, n) in by_kind {
-        fam.get_or_create(&vec![("kind".into(), kind.into())])
-            .set(n);
-    }
-    reg.register("thinpool_devices", "Thin devices by kind.", fam);
-    let c = pool.counters();
-    counter(
-        &mut reg,
-        "thinpool_grows",
-        "Pool grows completed, manual and automatic.",
-        c.grows,
-    );
-    counter(
-        &mut reg,
-        "thinpool_autoextend_events",
-        "Autoextensions done.",
-        c.autoextends,
-    );
-    counter(
-        &mut reg,
-        "thinpool_autoextend_failures",
-        "Autoextensions due that did not happen (at max, no host room, or failed).",
-        c.autoextend_failures,
-    );
-    counter(
-        &mut reg,
-        "thinpool_guard_rejections",
-        "Snapshots refused by the min_free_space guard.",
-        c.guard_rejections,
-    );
-    counter(
-        &mut reg,
-        "thinpool_mode_changes",
-        "Pool mode changes seen.",
-        c.mode_changes,
-    );
-    let meta_max = settings.autoextend_metadata.max.map_or(0, |b| b.0);
-    gauge(
-        &mut reg,
-        "thinpool_metadata_autoextend_max_bytes",
-        "Metadata size autoextend stops at (0: no limit, autoextend off, or metadata that \
-         cannot grow: reflink).",
-        if settings.autoextend_metadata.enabled() && st.backend == thinpool::BackendKind::Dm {
-            meta_max
-        } else {
-            0
-        },
-    );
-    reg.register(
-        "thinpool_operation_duration_seconds",
-        "Time the engine took for snapshot, activate, commit, remove and grow, whoever called.",
-        OpHistograms(pool.engine().timings()),
-    );
-    reg.register(
-        "thinpool_grpc_requests",
-        "gRPC requests handled, by service, method and status code.",
-        GrpcCounts(self.grpc.read()),
-    );
-    if let Some(mapped) = mapped {
+        gauge(
+            &mut reg,
+            "thinpool_data_size_bytes",
+            "Data space of the pool",
+            k.data_total.0,
+        );
+        gauge(
+            &mut reg,
+            "thinpool_metadata_used_bytes",
+            "Metadata space used in the pool",
+            k.metadata_used.0,
+        );
+        gauge(
+            &mut reg,
+            "thinpool_metadata_size_bytes",
+            "Metadata space of the pool",
+            k.metadata_total.0,
+        );
+        if let Some(free) = host_free {
+            gauge(
+                &mut reg,
+                "thinpool_host_free_bytes",
+                "Free space of the host filesystem holding the pool files",
+                free,
+            );
+        }
+        gauge(
+            &mut reg,
+            "thinpool_low_water_mark_bytes",
+            "The pool's low water mark",
+            k.low_water_mark.0,
+        );
+        gauge(
+            &mut reg,
+            "thinpool_min_free_space_bytes",
+            "Free data space below which new snapshots are refused",
+            k.data_total.0 * settings.min_free_space.0 as u64 / 100,
+        );
+        let autoextend_max = settings.autoextend_data.max.map_or(0, |b| b.0);
+        gauge(
+            &mut reg,
+            "thinpool_autoextend_max_bytes",
+            "Data size autoextend stops at (0: no limit or autoextend off)",
+            if settings.autoextend_data.enabled() {
+                autoextend_max
+            } else {
+                0
+            },
+        );
+        let mode = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+        for m in ["rw", "ro", "out_of_data_space", "fail"] {
+            let v = i64::from(k.mode.to_string() == m);
+            mode.get_or_create(&vec![("mode".into(), m.into())]).set(v);
+        }
         reg.register(
-            "thinpool_device_mapped_bytes",
-            "Bytes each ready device maps in the pool (reflink: not shared with other \
-             devices). Only with --metrics-per-device.",
-            DeviceBytes(
-                mapped
-                    .into_iter()
-                    .map(|(r, b)| (r.id.to_string(), kind_name(r.kind), b.0))
-                    .collect(),
-            ),
+            "thinpool_pool_mode",
+            "The pool's mode (1 for the current one)",
+            mode,
         );
-    }
-    let info = Family::<Vec<(String, String)>, Gauge<i64>>::default();
-    info.get_or_create(&vec![
-        ("version".into(), env!("CARGO_PKG_VERSION").into()),
-        ("backend".into(), st.backend.to_string()),
-    ])
-    .set(1);
-    reg.register(
-        "thinpool_build_info",
-        "thinpoold's version and backend.",
-        info,
-    );
-    let mut out = String::new();
-    encode(&mut out, &reg).map_err(|e| e.to_string())?;
-    Ok(out)
+        gauge(
+            &mut reg,
+            "thinpool_needs_check",
+            "1 if the pool's metadata needs a check",
+            u64::from(k.needs_check),
+        );
+        gauge(
+            &mut reg,
+            "thinpool_transaction_id",
+            "The pool's metadata transaction id",
+            k.transaction_id,
+        );
+        let mut by_kind: BTreeMap<&str, i64> =
+            [("base", 0), ("committed", 0), ("active", 0), ("view", 0)].into();
+        for d in &devices {
+            *by_kind.entry(kind_name(d.kind)).or_default() += 1;
+        }
+        let fam = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+        for (kind, n) in by_kind {
+            fam.get_or_create(&vec![("kind".into(), kind.into())])
+                .set(n);
+        }
+        reg.register("thinpool_devices", "Thin devices by kind", fam);
+        let c = pool.counters();
+        counter(
+            &mut reg,
+            "thinpool_grows",
+            "Pool grows completed, manual and automatic",
+            c.grows,
+        );
+        counter(
+            &mut reg,
+            "thinpool_autoextend_events",
+            "Autoextensions done",
+            c.autoextends,
+        );
+        counter(
+            &mut reg,
+            "thinpool_autoextend_failures",
+            "Autoextensions due that did not happen (at max, no host room, or failed)",
+            c.autoextend_failures,
+        );
+        counter(
+            &mut reg,
+            "thinpool_guard_rejections",
+            "Snapshots refused by the min_free_space guard",
+            c.guard_rejections,
+        );
+        counter(
+            &mut reg,
+            "thinpool_mode_changes",
+            "Pool mode changes seen",
+            c.mode_changes,
+        );
+        let meta_max = settings.autoextend_metadata.max.map_or(0, |b| b.0);
+        gauge(
+            &mut reg,
+            "thinpool_metadata_autoextend_max_bytes",
+            "Metadata size autoextend stops at (0: no limit, autoextend off, or metadata that \
+         cannot grow: reflink)",
+            if settings.autoextend_metadata.enabled() && st.backend == thinpool::BackendKind::Dm {
+                meta_max
+            } else {
+                0
+            },
+        );
+        reg.register(
+            "thinpool_operation_duration_seconds",
+            "Time the engine took for snapshot, activate, commit, remove and grow, whoever called",
+            OpHistograms(pool.engine().timings()),
+        );
+        reg.register(
+            "thinpool_grpc_requests",
+            "gRPC requests handled, by service, method and status code",
+            GrpcCounts(self.grpc.read()),
+        );
+        if let Some(mapped) = mapped {
+            reg.register(
+                "thinpool_device_mapped_bytes",
+                "Bytes each ready device maps in the pool (reflink: not shared with other \
+             devices). Only with --metrics-per-device",
+                DeviceBytes(
+                    mapped
+                        .into_iter()
+                        .map(|(r, b)| (r.id.to_string(), kind_name(r.kind), b.0))
+                        .collect(),
+                ),
+            );
+        }
+        let info = Family::<Vec<(String, String)>, Gauge<i64>>::default();
+        info.get_or_create(&vec![
+            ("version".into(), env!("CARGO_PKG_VERSION").into()),
+            ("backend".into(), st.backend.to_string()),
+        ])
+        .set(1);
+        reg.register(
+            "thinpool_build_info",
+            "thinpoold's version and backend",
+            info,
+        );
+        let mut out = String::new();
+        encode(&mut out, &reg).map_err(|e| e.to_string())?;
+        Ok(out)
     }
 }
 

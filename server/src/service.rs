@@ -684,10 +684,7 @@ impl Admin for Service {
                 autoextend_data_max_bytes: settings.autoextend_data.max.map_or(0, |b| b.0),
                 autoextend_metadata_threshold_percent: settings.autoextend_metadata.threshold.0,
                 autoextend_metadata_percent: settings.autoextend_metadata.percent.0,
-                autoextend_metadata_max_bytes: settings
-                    .autoextend_metadata
-                    .max
-                    .map_or(0, |b| b.0),
+                autoextend_metadata_max_bytes: settings.autoextend_metadata.max.map_or(0, |b| b.0),
                 metadata_can_grow: st.backend == thinpool::BackendKind::Dm,
             }))
         }

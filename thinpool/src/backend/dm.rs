@@ -657,7 +657,8 @@ impl DmBackend {
         let _snap = self.metadata_snap.lock();
         self.pool_message("reserve_metadata_snap")
             .map_err(dm_err("reserve_metadata_snap"))?;
-        let mut args: Vec<&std::ffi::OsStr> = vec!["--metadata-snap".as_ref(), "--no-headers".as_ref()];
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["--metadata-snap".as_ref(), "--no-headers".as_ref()];
         for f in fields {
             args.push("-o".as_ref());
             args.push(f.as_ref());
@@ -869,9 +870,10 @@ impl Backend for DmBackend {
                 s.parse::<u64>()
                     .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))
             };
-            let id = ThinId::new(u32::try_from(parse(dev)?).map_err(|_| {
-                Error::Inconsistent(format!("thin_ls printed {line:?}"))
-            })?)?;
+            let id = ThinId::new(
+                u32::try_from(parse(dev)?)
+                    .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))?,
+            )?;
             if wanted.contains(&id) {
                 out.insert(id, Bytes(parse(sectors)?.saturating_mul(512)));
             }
