@@ -76,7 +76,9 @@ fn run(root: &Path, dir: &Path) -> Figures {
         .enable_all()
         .build()
         .unwrap();
-    let pool = server_rt.block_on(AsyncPool::open(spec)).expect("open pool");
+    let pool = server_rt
+        .block_on(AsyncPool::open(spec))
+        .expect("open pool");
     let engine = pool.engine().clone();
     let mut out = Vec::new();
 
@@ -158,8 +160,7 @@ fn run(root: &Path, dir: &Path) -> Figures {
         n as f64 / create_s
     ));
     out.push(
-        "| scrape | p50 | p99 | baseline p50 | baseline p99 | p50 ratio | body | target |"
-            .into(),
+        "| scrape | p50 | p99 | baseline p50 | baseline p99 | p50 ratio | body | target |".into(),
     );
     out.push("|---|---:|---:|---:|---:|---:|---:|---|".into());
     out.push(format!(
@@ -306,7 +307,10 @@ fn run(root: &Path, dir: &Path) -> Figures {
          the handler makes (`status` + `devices`), directly.\n",
         secs as f64 / 2.0
     ));
-    out.push("| mode | p50 | p99 | throughput | baseline p50 | baseline p99 | baseline throughput |".into());
+    out.push(
+        "| mode | p50 | p99 | throughput | baseline p50 | baseline p99 | baseline throughput |"
+            .into(),
+    );
     out.push("|---|---:|---:|---:|---:|---:|---:|".into());
     out.push(format!(
         "| serial | {rs50:.2} ms | {rs99:.2} ms | {rpc_serial_tput:.0}/s | {es50:.2} ms | {es99:.2} ms | {eng_serial_tput:.0}/s |"
