@@ -490,6 +490,7 @@ fn prometheus_rules_check() {
         "thinpool_needs_check",
         "thinpool_pool_mode",
         "thinpool_autoextend_max_bytes",
+        "thinpool_metadata_autoextend_max_bytes",
     ] {
         assert!(text.contains(name), "{name} not used by the rules");
     }

@@ -195,38 +195,72 @@ fn run(root: &Path, dir: &Path) -> Figures {
         },
         grpc.clone(),
     ));
+    // The same services without the counting layer, for its cost.
+    let socket_plain = dir.join("plain.sock");
+    let listener = {
+        let _g = server_rt.enter();
+        thinpool_server::bind_socket(&socket_plain, None).unwrap()
+    };
+    let (stop_plain_tx, stop_plain_rx) = tokio::sync::oneshot::channel::<()>();
+    let plain = server_rt.spawn(thinpool_server::serve(
+        Service::new(pool.clone(), StaticInfo::default()),
+        listener,
+        async {
+            let _ = stop_plain_rx.await;
+        },
+    ));
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
+    // The layer's cost, on a cheap RPC (Stat: one record read) so that it is not lost in
+    // PoolStatus's device count: alternating calls to the two servers.
+    let stat_calls = env("THINPOOL_BENCH_STATS", 2000);
+    let (stat_counted, stat_plain) = client_rt.block_on(async {
+        let mut counted = Client::connect(&socket).await.unwrap();
+        let mut plain = Client::connect(&socket_plain).await.unwrap();
+        let key = "default/0/bench-00000";
+        counted.stat(key).await.unwrap();
+        plain.stat(key).await.unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..stat_calls {
+            let t = Instant::now();
+            counted.stat(key).await.unwrap();
+            a.push(ms(t));
+            let t = Instant::now();
+            plain.stat(key).await.unwrap();
+            b.push(ms(t));
+        }
+        (a, b)
+    });
+    let _ = stop_plain_tx.send(());
+    server_rt.block_on(plain).unwrap().unwrap();
     let dur = Duration::from_secs(secs);
     // What the handler asks the engine for (besides settings and a statvfs).
     let engine_call = |e: &Pool| {
         e.status().unwrap();
         e.devices().unwrap();
     };
-    // Serial: engine, then RPC.
-    let mut eng_serial = Vec::new();
-    let t0 = Instant::now();
-    while t0.elapsed() < dur / 2 {
-        let t = Instant::now();
-        engine_call(&engine);
-        eng_serial.push(ms(t));
-    }
-    let eng_serial_tput = eng_serial.len() as f64 / t0.elapsed().as_secs_f64();
-    let (rpc_serial, rpc_serial_tput) = client_rt.block_on(async {
+    // Serial: engine and RPC calls alternating, so that they share any noise.
+    let (eng_serial, rpc_serial, serial_s) = client_rt.block_on(async {
         let mut c = Client::connect(&socket).await.unwrap();
         c.pool_status().await.unwrap();
-        let mut v = Vec::new();
+        let (mut e, mut r) = (Vec::new(), Vec::new());
         let t0 = Instant::now();
-        while t0.elapsed() < dur / 2 {
+        while t0.elapsed() < dur {
+            let t = Instant::now();
+            engine_call(&engine);
+            e.push(ms(t));
             let t = Instant::now();
             c.pool_status().await.unwrap();
-            v.push(ms(t));
+            r.push(ms(t));
         }
-        let tput = v.len() as f64 / t0.elapsed().as_secs_f64();
-        (v, tput)
+        (e, r, t0.elapsed())
     });
+    // Calls per second of time spent in that mode's calls.
+    let tput = |v: &[f64]| v.len() as f64 / (v.iter().sum::<f64>() / 1e3);
+    let (eng_serial_tput, rpc_serial_tput) = (tput(&eng_serial), tput(&rpc_serial));
+    let _ = serial_s;
     // 32-way: engine from 32 threads, then 32 RPC clients.
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
@@ -296,16 +330,18 @@ fn run(root: &Path, dir: &Path) -> Figures {
         counted, calls,
         "thinpool_grpc_requests_total counts every PoolStatus"
     );
+    let (sc50, sc99) = percentiles(stat_counted);
+    let (sp50, sp99) = percentiles(stat_plain);
     let (es50, es99) = percentiles(eng_serial);
     let (rs50, rs99) = percentiles(rpc_serial);
     let (ec50, ec99) = percentiles(eng_conc);
     let (rc50, rc99) = percentiles(rpc_conc);
     out.push(format!(
-        "\n### PoolStatus RPC, {n} devices\n\n{secs} s per concurrent mode, {:.1} s per serial \
-         mode; RPC over the unix socket to the in-process server (gRPC metrics layer on), \
+        "\n### PoolStatus RPC, {n} devices\n\n{secs} s per concurrent mode, {secs} s for the \
+         two serial modes alternating call by call (throughput: calls over the time spent in \
+         that mode's calls); RPC over the unix socket to the in-process server (gRPC metrics layer on), \
          clients on their own tokio runtime, one connection each. Baseline: the engine calls \
-         the handler makes (`status` + `devices`), directly.\n",
-        secs as f64 / 2.0
+         the handler makes (`status` + `devices`), directly.\n"
     ));
     out.push(
         "| mode | p50 | p99 | throughput | baseline p50 | baseline p99 | baseline throughput |"
@@ -323,6 +359,23 @@ fn run(root: &Path, dir: &Path) -> Figures {
         ratio(rs50, es50),
         ratio(rc50, ec50),
         ratio(rpc_conc_tput, eng_conc_tput)
+    ));
+    out.push(format!(
+        "\n### The gRPC counting layer's cost\n\n{stat_calls} `Stat` calls each, alternating \
+         between the server with the layer (thinpoold's) and the same services without it \
+         (baseline), serial, in the same run.\n"
+    ));
+    out.push("| Stat | p50 | p99 |".into());
+    out.push("|---|---:|---:|".into());
+    out.push(format!("| with the layer | {sc50:.3} ms | {sc99:.3} ms |"));
+    out.push(format!(
+        "| without (baseline) | {sp50:.3} ms | {sp99:.3} ms |"
+    ));
+    out.push(format!(
+        "| difference | {:+.3} ms ({}) | {:+.3} ms |",
+        sc50 - sp50,
+        ratio(sc50, sp50),
+        sc99 - sp99
     ));
     drop(pool);
     drop(server_rt); // the exporter tasks and their pool handles
