@@ -109,12 +109,8 @@ impl GrpcMetrics {
     /// The non-zero counts, in method then code order.
     pub fn read(&self) -> Vec<RequestCount> {
         let mut out = Vec::new();
-        for row in 0..ROWS {
-            let (service, method) = if row < METHODS.len() {
-                split(METHODS[row])
-            } else {
-                ("other", "other")
-            };
+        let names = METHODS.iter().map(|m| split(m)).chain([("other", "other")]);
+        for (row, (service, method)) in names.enumerate() {
             for (code, name) in CODES.iter().enumerate() {
                 let count = self.counts[row * CODES.len() + code].load(Ordering::Relaxed);
                 if count > 0 {

@@ -167,14 +167,13 @@ fn prometheus_scrapes_thinpoold() {
     // what pool status says. A scrape may predate a last settle of the filesystem, hence
     // comparing against a fresh status each round.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = String::new();
     let used = loop {
         let want = status_json(&d)["data_used_bytes"].as_u64().unwrap();
-        match prom.value("thinpool_data_used_bytes") {
+        let last = match prom.value("thinpool_data_used_bytes") {
             Ok(v) if v as u64 == want => break want,
-            Ok(v) => last = format!("prometheus has {v}, pool status says {want}"),
-            Err(e) => last = e,
-        }
+            Ok(v) => format!("prometheus has {v}, pool status says {want}"),
+            Err(e) => e,
+        };
         assert!(
             Instant::now() < deadline,
             "no agreeing thinpool_data_used_bytes sample from Prometheus within 60 s \

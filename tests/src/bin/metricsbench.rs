@@ -242,7 +242,7 @@ fn run(root: &Path, dir: &Path) -> Figures {
         e.devices().unwrap();
     };
     // Serial: engine and RPC calls alternating, so that they share any noise.
-    let (eng_serial, rpc_serial, serial_s) = client_rt.block_on(async {
+    let (eng_serial, rpc_serial) = client_rt.block_on(async {
         let mut c = Client::connect(&socket).await.unwrap();
         c.pool_status().await.unwrap();
         let (mut e, mut r) = (Vec::new(), Vec::new());
@@ -255,12 +255,11 @@ fn run(root: &Path, dir: &Path) -> Figures {
             c.pool_status().await.unwrap();
             r.push(ms(t));
         }
-        (e, r, t0.elapsed())
+        (e, r)
     });
     // Calls per second of time spent in that mode's calls.
     let tput = |v: &[f64]| v.len() as f64 / (v.iter().sum::<f64>() / 1e3);
     let (eng_serial_tput, rpc_serial_tput) = (tput(&eng_serial), tput(&rpc_serial));
-    let _ = serial_s;
     // 32-way: engine from 32 threads, then 32 RPC clients.
     let stop = Arc::new(AtomicBool::new(false));
     let t0 = Instant::now();
