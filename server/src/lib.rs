@@ -1,6 +1,8 @@
 //! thinpoold as a library: the gRPC services (containerd's `snapshots.v1` proxy-snapshotter
-//! API and the `thinpool.v1` admin API), the unix socket they are served on, and the
-//! daemon's configuration. `main.rs` wires them up; tests run the same code in-process.
+//! API and the `thinpool.v1` admin API), the unix socket they are served on, the daemon's
+//! configuration, and its Prometheus `/metrics` ([`metrics`], with the request counts of
+//! [`grpc_metrics`]). `main.rs` wires them up; tests and benchmarks run the same code
+//! in-process.
 
 pub mod config;
 pub mod filter;
