@@ -77,6 +77,14 @@ pub struct FileConfig {
     pub autoextend_percent: Option<PercentValue>,
     #[serde(alias = "autoextend_max")]
     pub autoextend_max: Option<SizeValue>,
+    #[serde(alias = "metadata_autoextend_threshold")]
+    pub metadata_autoextend_threshold: Option<PercentValue>,
+    #[serde(alias = "metadata_autoextend_percent")]
+    pub metadata_autoextend_percent: Option<PercentValue>,
+    #[serde(alias = "metadata_autoextend_max")]
+    pub metadata_autoextend_max: Option<SizeValue>,
+    #[serde(alias = "metrics_per_device")]
+    pub metrics_per_device: Option<bool>,
 }
 
 impl FileConfig {
@@ -114,6 +122,11 @@ pub struct Flags {
     pub autoextend_threshold: Option<Percent>,
     pub autoextend_percent: Option<Percent>,
     pub autoextend_max: Option<Bytes>,
+    pub metadata_autoextend_threshold: Option<Percent>,
+    pub metadata_autoextend_percent: Option<Percent>,
+    pub metadata_autoextend_max: Option<Bytes>,
+    /// `--metrics-per-device` given (a switch: `false` means "not given").
+    pub metrics_per_device: bool,
 }
 
 /// Which backend to use.
@@ -144,6 +157,10 @@ pub struct Config {
     /// The data autoextend policy, if any of its settings was given: the ones not given
     /// take [`AutoextendPolicy::OFF`]'s values (threshold 100 = off, 20% steps, no max).
     pub autoextend_data: Option<AutoextendPolicy>,
+    /// The metadata autoextend policy, likewise. dm only: reflink's metadata cannot grow.
+    pub autoextend_metadata: Option<AutoextendPolicy>,
+    /// Export each device's mapped bytes on /metrics (one series per device).
+    pub metrics_per_device: bool,
 }
 
 fn percent(key: &'static str, v: Option<PercentValue>) -> Result<Option<Percent>, ConfigError> {
@@ -166,6 +183,40 @@ fn size(key: &'static str, v: Option<SizeValue>) -> Result<Option<Bytes>, Config
             message: format!("{e}"),
         }),
     }
+}
+
+/// An autoextend policy from its three settings (flag over file), if any was given: the
+/// ones not given take [`AutoextendPolicy::OFF`]'s values.
+fn policy(
+    what: &'static str,
+    threshold: (&'static str, Option<Percent>, Option<PercentValue>),
+    step: (&'static str, Option<Percent>, Option<PercentValue>),
+    max: (&'static str, Option<Bytes>, Option<SizeValue>),
+) -> Result<Option<AutoextendPolicy>, ConfigError> {
+    let threshold = threshold
+        .1
+        .map_or_else(|| percent(threshold.0, threshold.2), |v| Ok(Some(v)))?;
+    let step = step
+        .1
+        .map_or_else(|| percent(step.0, step.2), |v| Ok(Some(v)))?;
+    let max = max.1.map_or_else(|| size(max.0, max.2), |v| Ok(Some(v)))?;
+    if threshold.is_none() && step.is_none() && max.is_none() {
+        return Ok(None);
+    }
+    let p = AutoextendPolicy {
+        threshold: threshold.unwrap_or(AutoextendPolicy::OFF.threshold),
+        percent: step.unwrap_or(AutoextendPolicy::OFF.percent),
+        max: max.or(AutoextendPolicy::OFF.max),
+    };
+    p.validate(what).map_err(|e| ConfigError::Value {
+        key: if what == "data" {
+            "autoextend"
+        } else {
+            "metadata-autoextend"
+        },
+        message: e.to_string(),
+    })?;
+    Ok(Some(p))
 }
 
 fn backend(s: &str) -> Result<BackendChoice, ConfigError> {
@@ -199,35 +250,44 @@ impl Config {
             || percent("min-free-space", file.min_free_space),
             |v| Ok(Some(v)),
         )?;
-        let threshold = flags.autoextend_threshold.map_or_else(
-            || percent("autoextend-threshold", file.autoextend_threshold),
-            |v| Ok(Some(v)),
+        let autoextend_data = policy(
+            "data",
+            (
+                "autoextend-threshold",
+                flags.autoextend_threshold,
+                file.autoextend_threshold,
+            ),
+            (
+                "autoextend-percent",
+                flags.autoextend_percent,
+                file.autoextend_percent,
+            ),
+            ("autoextend-max", flags.autoextend_max, file.autoextend_max),
         )?;
-        let step = flags.autoextend_percent.map_or_else(
-            || percent("autoextend-percent", file.autoextend_percent),
-            |v| Ok(Some(v)),
+        let autoextend_metadata = policy(
+            "metadata",
+            (
+                "metadata-autoextend-threshold",
+                flags.metadata_autoextend_threshold,
+                file.metadata_autoextend_threshold,
+            ),
+            (
+                "metadata-autoextend-percent",
+                flags.metadata_autoextend_percent,
+                file.metadata_autoextend_percent,
+            ),
+            (
+                "metadata-autoextend-max",
+                flags.metadata_autoextend_max,
+                file.metadata_autoextend_max,
+            ),
         )?;
-        let max = flags.autoextend_max.map_or_else(
-            || size("autoextend-max", file.autoextend_max),
-            |v| Ok(Some(v)),
-        )?;
-        let autoextend_data = if threshold.is_some() || step.is_some() || max.is_some() {
-            let p = AutoextendPolicy {
-                threshold: threshold.unwrap_or(AutoextendPolicy::OFF.threshold),
-                percent: step.unwrap_or(AutoextendPolicy::OFF.percent),
-                max: max.or(AutoextendPolicy::OFF.max),
-            };
-            p.validate("data").map_err(|e| ConfigError::Value {
-                key: "autoextend",
-                message: e.to_string(),
-            })?;
-            Some(p)
-        } else {
-            None
-        };
         Ok(Config {
             min_free_space,
             autoextend_data,
+            autoextend_metadata,
+            metrics_per_device: flags.metrics_per_device
+                || file.metrics_per_device.unwrap_or(false),
             root: flags
                 .root
                 .or(file.root)
@@ -352,5 +412,41 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("threshold"), "{e}");
+        assert_eq!(c.autoextend_metadata, None, "metadata keys not given");
+    }
+
+    #[test]
+    fn metadata_autoextend_and_per_device_metrics() {
+        let file = FileConfig::parse(
+            r#"
+            metadata-autoextend-threshold = 75
+            metadata_autoextend_max = "1G"
+            metrics-per-device = true
+            "#,
+        )
+        .unwrap();
+        let flags = Flags {
+            metadata_autoextend_percent: Some(Percent(50)),
+            ..Flags::default()
+        };
+        let c = Config::merge(flags, file).unwrap();
+        assert_eq!(
+            c.autoextend_metadata,
+            Some(AutoextendPolicy {
+                threshold: Percent(75),
+                percent: Percent(50),
+                max: Some(Bytes::gib(1)),
+            })
+        );
+        assert_eq!(c.autoextend_data, None, "data keys not given");
+        assert!(c.metrics_per_device);
+        let c = Config::merge(Flags::default(), FileConfig::default()).unwrap();
+        assert!(!c.metrics_per_device, "off by default");
+        let e = Config::merge(
+            Flags::default(),
+            FileConfig::parse("metadata-autoextend-percent = 0").unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("metadata-autoextend"), "{e}");
     }
 }

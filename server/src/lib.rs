@@ -1,9 +1,12 @@
 //! thinpoold as a library: the gRPC services (containerd's `snapshots.v1` proxy-snapshotter
-//! API and the `thinpool.v1` admin API), the unix socket they are served on, and the
-//! daemon's configuration. `main.rs` wires them up; tests run the same code in-process.
+//! API and the `thinpool.v1` admin API), the unix socket they are served on, the daemon's
+//! configuration, and its Prometheus `/metrics` ([`metrics`], with the request counts of
+//! [`grpc_metrics`]). `main.rs` wires them up; tests and benchmarks run the same code
+//! in-process.
 
 pub mod config;
 pub mod filter;
+pub mod grpc_metrics;
 pub mod metrics;
 pub mod service;
 
@@ -96,7 +99,8 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
     UnixListener::from_std(listener).map_err(io_err("register", path))
 }
 
-/// Serves both APIs on `listener` until `shutdown` resolves, then stops accepting, lets
+/// Serves both APIs on `listener` until `shutdown` resolves (without counting requests:
+/// thinpoold uses [`serve_counted`]), then stops accepting, lets
 /// in-flight requests finish and returns. The background reclaimer and the engine's space
 /// monitor run meanwhile and are stopped (after finishing work in progress) before this
 /// returns.
@@ -104,6 +108,26 @@ pub async fn serve(
     service: Service,
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    run(service, listener, shutdown, None).await
+}
+
+/// [`serve`], counting every request by method and status code in `grpc` (which `/metrics`
+/// reads; see [`grpc_metrics`]).
+pub async fn serve_counted(
+    service: Service,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+    grpc: std::sync::Arc<grpc_metrics::GrpcMetrics>,
+) -> Result<(), tonic::transport::Error> {
+    run(service, listener, shutdown, Some(grpc)).await
+}
+
+async fn run(
+    service: Service,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+    grpc: Option<std::sync::Arc<grpc_metrics::GrpcMetrics>>,
 ) -> Result<(), tonic::transport::Error> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reclaimer = {
@@ -129,12 +153,28 @@ pub async fn serve(
     let admin = AdminServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
-    let result = tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::debug_span!("rpc", path = %req.uri().path()))
-        .add_service(snapshots)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+    let mut builder = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::debug_span!("rpc", path = %req.uri().path()));
+    let incoming = UnixListenerStream::new(listener);
+    // Two arms because the layer changes the server's type; the uncounted one lets the
+    // metrics benchmark measure what counting costs.
+    let result = match grpc {
+        Some(grpc) => {
+            builder
+                .layer(grpc_metrics::GrpcMetricsLayer::new(grpc))
+                .add_service(snapshots)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        None => {
+            builder
+                .add_service(snapshots)
+                .add_service(admin)
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+    };
     let _ = stop_tx.send(true);
     let _ = reclaimer.await;
     let _ = monitor.await;

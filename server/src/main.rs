@@ -69,6 +69,20 @@ struct Args {
     /// Never autoextend the data file beyond this size [default: no limit]
     #[arg(long, value_name = "SIZE")]
     autoextend_max: Option<Bytes>,
+    /// Autoextend the metadata file when its usage exceeds this share: 50 to 99, 100 = off
+    /// [default: 100]. dm only: on reflink the metadata (the XFS log) cannot grow.
+    #[arg(long, value_name = "PCT")]
+    metadata_autoextend_threshold: Option<Percent>,
+    /// Metadata autoextend step, as a share of the metadata size (1 to 1000) [default: 20]
+    #[arg(long, value_name = "PCT")]
+    metadata_autoextend_percent: Option<Percent>,
+    /// Never autoextend the metadata file beyond this size [default: the dm maximum, ~16 GiB]
+    #[arg(long, value_name = "SIZE")]
+    metadata_autoextend_max: Option<Bytes>,
+    /// Export each device's mapped bytes on /metrics (thinpool_device_mapped_bytes): one
+    /// series per device, so off by default.
+    #[arg(long)]
+    metrics_per_device: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -110,6 +124,10 @@ async fn main() -> Result<()> {
         autoextend_threshold: args.autoextend_threshold,
         autoextend_percent: args.autoextend_percent,
         autoextend_max: args.autoextend_max,
+        metadata_autoextend_threshold: args.metadata_autoextend_threshold,
+        metadata_autoextend_percent: args.metadata_autoextend_percent,
+        metadata_autoextend_max: args.metadata_autoextend_max,
+        metrics_per_device: args.metrics_per_device,
     };
     let config = Config::merge(flags, file)?;
     let backend = match config.backend {
@@ -131,6 +149,7 @@ async fn main() -> Result<()> {
         fs: config.fs,
         min_free_space: config.min_free_space,
         autoextend_data: config.autoextend_data,
+        autoextend_metadata: config.autoextend_metadata,
         ..PoolSpec::default()
     };
     let pool = match AsyncPool::open(spec).await {
@@ -155,10 +174,18 @@ async fn main() -> Result<()> {
         mode = %status.kernel.mode,
         "pool ready"
     );
+    let settings = pool.engine().settings();
+    if settings.autoextend_metadata.enabled() && status.backend == BackendKind::Reflink {
+        warn!(threshold = %settings.autoextend_metadata.threshold,
+            "metadata autoextend (--metadata-autoextend-*, or set on this pool before) has no \
+             effect on the reflink backend: its metadata is the XFS log, which cannot grow; \
+             only the data file autoextends");
+    }
     if let Err(e) = std::fs::create_dir_all(&config.imagefs_dir) {
         warn!(dir = %config.imagefs_dir.display(), error = %e,
             "could not create the image-fs directory CRI reports to kubelet");
     }
+    let grpc_metrics = std::sync::Arc::new(thinpool_server::grpc_metrics::GrpcMetrics::default());
     let metrics_task = if config.metrics_addr.is_empty() {
         info!("metrics endpoint disabled (empty --metrics-addr)");
         None
@@ -166,11 +193,14 @@ async fn main() -> Result<()> {
         let l = tokio::net::TcpListener::bind(&config.metrics_addr)
             .await
             .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
-        info!(addr = %config.metrics_addr, "serving /metrics");
-        Some(tokio::spawn(thinpool_server::metrics::serve(
-            l,
+        info!(addr = %config.metrics_addr, per_device = config.metrics_per_device,
+            "serving /metrics");
+        let exporter = thinpool_server::metrics::Exporter::new(
             pool.clone(),
-        )))
+            grpc_metrics.clone(),
+            config.metrics_per_device,
+        );
+        Some(tokio::spawn(thinpool_server::metrics::serve(l, exporter)))
     };
     let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
         .context("setting up the socket")?;
@@ -189,7 +219,7 @@ async fn main() -> Result<()> {
             _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
         }
     };
-    thinpool_server::serve(service, listener, shutdown).await?;
+    thinpool_server::serve_counted(service, listener, shutdown, grpc_metrics).await?;
     if let Some(t) = metrics_task {
         t.abort();
     }

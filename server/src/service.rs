@@ -679,6 +679,13 @@ impl Admin for Service {
                 devices: st.devices as u64,
                 error_if_no_space: k.error_if_no_space,
                 low_water_mark: k.low_water_mark.0,
+                autoextend_data_threshold_percent: settings.autoextend_data.threshold.0,
+                autoextend_data_percent: settings.autoextend_data.percent.0,
+                autoextend_data_max_bytes: settings.autoextend_data.max.map_or(0, |b| b.0),
+                autoextend_metadata_threshold_percent: settings.autoextend_metadata.threshold.0,
+                autoextend_metadata_percent: settings.autoextend_metadata.percent.0,
+                autoextend_metadata_max_bytes: settings.autoextend_metadata.max.map_or(0, |b| b.0),
+                metadata_can_grow: st.backend == thinpool::BackendKind::Dm,
             }))
         }
         .await;

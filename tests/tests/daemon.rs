@@ -334,19 +334,102 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// thinpoold's /metrics: the required names, and figures that agree with pool status.
+/// A free TCP port on 127.0.0.1 (bound, then released for the daemon to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `promtool check metrics` on `text`: only the expected "no help text" lines allowed.
+fn promtool_check_metrics(dir: &std::path::Path, text: &str) {
+    assert!(
+        std::path::Path::new("/usr/bin/promtool").exists(),
+        "promtool is not installed (apt-get install prometheus; CI installs it)"
+    );
+    let f = dir.join("metrics.txt");
+    std::fs::write(&f, text).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&f).unwrap())
+        .output()
+        .unwrap();
+    // promtool (2.42) lints the OpenMetrics text as the Prometheus text format, where a
+    // counter family's HELP (named without `_total`) does not cover its `_total` sample:
+    // those "no help text" lines are expected. Anything else is a real problem.
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| !(l.contains("_total no help text")))
+        .collect();
+    assert!(problems.is_empty(), "promtool check metrics: {report}");
+}
+
+/// thinpoold's /metrics: the required names, figures that agree with pool status, the
+/// engine's latency histograms and the gRPC request counts moving with the calls made, and
+/// per-device mapped bytes (on here); promtool accepts the text.
 #[test]
 fn daemon_metrics_endpoint() {
     let dir = pool_dir("daemon-metrics", false);
     let root = dir.join("pool");
     let socket = dir.join("run").join("thinpool.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&root, &socket, &["--metrics-addr", &addr]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(
+        &root,
+        &socket,
+        &["--metrics-addr", &addr, "--metrics-per-device"],
+    );
+    // Calls the metrics must count: two snapshots, a commit, a refused snapshot.
+    let ok_ = |args: &[&str]| {
+        let (ok, out, err) = d.thinctl(args);
+        assert!(ok, "thinctl {args:?} failed: {err}");
+        out
+    };
+    ok_(&["snapshot", "prepare", "k1"]);
+    ok_(&["snapshot", "commit", "layer1", "k1"]);
+    ok_(&["snapshot", "view", "v1", "layer1"]);
+    let (ok, _, err) = d.thinctl(&["snapshot", "prepare", "k2", "nosuchparent"]);
+    assert!(!ok, "{err}");
+    let text = get_metrics(&addr);
+    let snap = "service=\"containerd.services.snapshots.v1.Snapshots\"";
+    for line in [
+        format!("thinpool_grpc_requests_total{{{snap},method=\"Prepare\",code=\"OK\"}} 1"),
+        format!("thinpool_grpc_requests_total{{{snap},method=\"Prepare\",code=\"NotFound\"}} 1"),
+        format!("thinpool_grpc_requests_total{{{snap},method=\"Commit\",code=\"OK\"}} 1"),
+        format!("thinpool_grpc_requests_total{{{snap},method=\"View\",code=\"OK\"}} 1"),
+        // Snapshots k1 and v1 (the service refuses k2 before the engine: no parent).
+        "thinpool_operation_duration_seconds_count{operation=\"snapshot\"} 2".into(),
+        "thinpool_operation_duration_seconds_count{operation=\"commit\"} 1".into(),
+        "thinpool_operation_duration_seconds_bucket{le=\"+Inf\",operation=\"commit\"} 1".into(),
+        "thinpool_operation_duration_seconds_count{operation=\"grow\"} 0".into(),
+        "thinpool_devices{kind=\"committed\"} 1".into(),
+        "thinpool_devices{kind=\"view\"} 1".into(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+    }
+    assert!(
+        text.contains("thinpool_grpc_requests_total{service=\"thinpool.v1.Admin\",method=\"PoolStatus\",code=\"OK\"}"),
+        "the admin service is counted too:\n{text}"
+    );
+    // Per device: every ready device, labelled by id and kind.
+    let per_device: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("thinpool_device_mapped_bytes{"))
+        .collect();
+    assert_eq!(per_device.len(), 3, "base, layer1, v1:\n{text}");
+    assert!(
+        per_device
+            .iter()
+            .any(|l| l.contains("kind=\"base\"") && l.contains("thin_id=")),
+        "{per_device:?}"
+    );
     let mut last = None;
     for _ in 0..5 {
         let text = get_metrics(&addr);
@@ -364,9 +447,17 @@ fn daemon_metrics_endpoint() {
         }
         assert!(text.contains("thinpool_pool_mode{mode=\"rw\"} 1"), "{text}");
         assert!(text.contains("thinpool_devices{kind=\"base\"} 1"), "{text}");
+        assert!(
+            text.contains("thinpool_metadata_autoextend_max_bytes 0"),
+            "{text}"
+        );
         assert!(text.contains("thinpool_autoextend_events_total"), "{text}");
         assert!(text.contains("thinpool_guard_rejections_total"), "{text}");
         assert!(text.contains("thinpool_build_info{"), "{text}");
+        assert!(
+            !text.contains(".."),
+            "help texts end in one period:\n{text}"
+        );
         let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
         assert!(ok, "{err}");
         let st = json(&out);
@@ -380,29 +471,7 @@ fn daemon_metrics_endpoint() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     let text = last.expect("thinpool_data_used_bytes never agreed with pool status");
-    if std::path::Path::new("/usr/bin/promtool").exists() {
-        let f = dir.join("metrics.txt");
-        std::fs::write(&f, &text).unwrap();
-        let out = std::process::Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(std::fs::File::open(&f).unwrap())
-            .output()
-            .unwrap();
-        // promtool (2.42) lints the OpenMetrics text as the Prometheus text format, where a
-        // counter family's HELP (named without `_total`) does not cover its `_total` sample:
-        // those "no help text" lines are expected. Anything else is a real problem.
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let problems: Vec<&str> = report
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter(|l| !(l.contains("_total no help text")))
-            .collect();
-        assert!(problems.is_empty(), "promtool check metrics: {report}");
-    }
+    promtool_check_metrics(&dir, &text);
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -421,13 +490,14 @@ fn prometheus_rules_check() {
         "thinpool_needs_check",
         "thinpool_pool_mode",
         "thinpool_autoextend_max_bytes",
+        "thinpool_metadata_autoextend_max_bytes",
     ] {
         assert!(text.contains(name), "{name} not used by the rules");
     }
-    if !std::path::Path::new("/usr/bin/promtool").exists() {
-        eprintln!("promtool not installed (apt-get install prometheus): rules not checked");
-        return;
-    }
+    assert!(
+        std::path::Path::new("/usr/bin/promtool").exists(),
+        "promtool is not installed (apt-get install prometheus; CI installs it)"
+    );
     let out = std::process::Command::new("promtool")
         .args(["check", "rules"])
         .arg(&rules)
@@ -439,4 +509,91 @@ fn prometheus_rules_check() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The autoextend flags, data and metadata, reach the pool (pool status shows them, and
+/// they stay after a restart without the flags); on reflink the daemon says clearly that
+/// metadata autoextend has no effect.
+#[test]
+fn daemon_autoextend_flags() {
+    let dir = pool_dir("daemon-autoextend-flags", false);
+    let root = dir.join("pool");
+    let socket = dir.join("run").join("thinpool.sock");
+    let mut d = Daemon::start(
+        &root,
+        &socket,
+        &[
+            "--min-free-space",
+            "5",
+            "--autoextend-threshold",
+            "80",
+            "--autoextend-percent",
+            "25",
+            "--autoextend-max",
+            "8G",
+            "--metadata-autoextend-threshold",
+            "75",
+            "--metadata-autoextend-percent",
+            "30",
+            "--metadata-autoextend-max",
+            "1G",
+        ],
+    );
+    let check = |d: &Daemon| {
+        let (ok, out, err) = d.thinctl(&["pool", "status", "--json"]);
+        assert!(ok, "{err}");
+        let s = json(&out);
+        assert_eq!(s["autoextend_data_threshold_percent"], 80, "{s}");
+        assert_eq!(s["autoextend_data_percent"], 25, "{s}");
+        assert_eq!(s["autoextend_data_max_bytes"], 8u64 << 30, "{s}");
+        assert_eq!(s["autoextend_metadata_threshold_percent"], 75, "{s}");
+        assert_eq!(s["autoextend_metadata_percent"], 30, "{s}");
+        assert_eq!(s["autoextend_metadata_max_bytes"], 1u64 << 30, "{s}");
+        let reflink = thinpool_tests::backend() == thinpool::BackendKind::Reflink;
+        assert_eq!(s["metadata_can_grow"], !reflink, "{s}");
+        let (ok, out, err) = d.thinctl(&["pool", "status"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("Data Autoextend:") && out.contains("above 80%, by 25%, up to 8 GiB"),
+            "{out}"
+        );
+        if reflink {
+            assert!(
+                out.contains("Metadata Autoextend:")
+                    && out.contains("no effect: this backend's metadata cannot grow"),
+                "{out}"
+            );
+            let log = d.log_text();
+            assert!(
+                log.contains("metadata autoextend")
+                    && log.contains("has no effect on the reflink backend"),
+                "the daemon must say metadata autoextend does nothing here:\n{log}"
+            );
+        } else {
+            assert!(out.contains("above 75%, by 30%, up to 1 GiB"), "{out}");
+        }
+    };
+    check(&d);
+    // Settings given once stay with the pool.
+    assert!(d.stop().success());
+    drop(d);
+    let d = Daemon::start(&root, &socket, &[]);
+    check(&d);
+    // A bad value is refused at start, naming the setting.
+    drop(d);
+    let mut bad = Daemon::spawn(
+        &dir.join("pool2"),
+        &dir.join("other.sock"),
+        &["--metadata-autoextend-threshold", "20"],
+    );
+    let st = bad.child.as_mut().unwrap().wait().unwrap();
+    bad.child = None;
+    assert!(!st.success());
+    assert!(
+        bad.log_text().contains("metadata-autoextend"),
+        "{}",
+        bad.log_text()
+    );
+    drop(bad);
+    let _ = std::fs::remove_dir_all(&dir);
 }

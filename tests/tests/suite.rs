@@ -273,6 +273,51 @@ fn usage_grows_with_writes() {
     );
 }
 
+/// The per-device figures for metrics: every ready device, in one backend call (dm: one
+/// `thin_ls`), agreeing with the per-device `usage`; the engine's latency histograms count
+/// the calls made.
+#[test]
+fn mapped_bytes_of_all_devices_and_operation_timings() {
+    let mut tp = TestPool::small("mapped-all");
+    tp.pool()
+        .snapshot(request("u", None, DeviceKind::Active))
+        .unwrap();
+    tp.pool()
+        .snapshot(request("idle", None, DeviceKind::Active))
+        .unwrap();
+    let dir = tp.mount("u");
+    write_file(&dir.join("big"), &pattern(9, 32 << 20));
+    tp.unmount(&dir);
+    // "u" is still active (mounted devices stay active until deactivated), "idle" never was.
+    let all = tp.pool().mapped_bytes_all().unwrap();
+    let names: Vec<Option<String>> = all
+        .iter()
+        .map(|(r, _)| r.name.as_ref().map(|n| n.as_str().to_string()))
+        .collect();
+    assert_eq!(all.len(), 3, "base, u, idle: {names:?}");
+    for (rec, mapped) in &all {
+        let usage = tp.pool().usage_by_id(rec.id).unwrap();
+        println!("{:?}: mapped_bytes_all {mapped}, usage {usage}", rec.name);
+        assert_eq!(*mapped, usage, "{:?}", rec.name);
+    }
+    let u = all
+        .iter()
+        .find(|(r, _)| r.name.as_ref().is_some_and(|n| n.as_str() == "u"))
+        .unwrap();
+    assert!(u.1.0 >= 30 << 20, "u maps {}", u.1);
+    let timings = tp.pool().timings();
+    let count = |op: thinpool::Operation| {
+        timings
+            .iter()
+            .find(|(o, _)| *o == op)
+            .map(|(_, h)| h.count)
+            .unwrap()
+    };
+    assert_eq!(count(thinpool::Operation::Snapshot), 2);
+    assert_eq!(count(thinpool::Operation::Activate), 1);
+    assert_eq!(count(thinpool::Operation::Grow), 0);
+}
+
 #[test]
 fn larger_snapshot_grows_its_filesystem() {
     let mut tp = TestPool::small("grow-fs");

@@ -18,6 +18,7 @@ pub mod loopback;
 pub mod model;
 mod monitor;
 pub mod store;
+pub mod timing;
 pub mod units;
 
 pub use asyncpool::AsyncPool;
@@ -26,4 +27,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use ids::{DeviceName, ThinId};
 pub use model::*;
 pub use monitor::run_autoextend;
+pub use timing::{HistogramSnapshot, Operation};
 pub use units::{Bytes, DataBlocks, Percent, Sectors};

@@ -216,6 +216,19 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// An autoextend policy for people: "off", or "above 70%, by 20%, up to 8 GiB".
+fn autoextend(threshold: u32, percent: u32, max: u64) -> String {
+    if threshold >= 100 {
+        return "off".into();
+    }
+    let max = if max == 0 {
+        "no limit".to_string()
+    } else {
+        format!("up to {}", Bytes(max))
+    };
+    format!("above {threshold}%, by {percent}%, {max}")
+}
+
 async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
     let s = c.pool_status().await?;
     if as_json {
@@ -249,6 +262,13 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
             "devices": s.devices,
             "error_if_no_space": s.error_if_no_space,
             "low_water_mark_bytes": s.low_water_mark,
+            "autoextend_data_threshold_percent": s.autoextend_data_threshold_percent,
+            "autoextend_data_percent": s.autoextend_data_percent,
+            "autoextend_data_max_bytes": s.autoextend_data_max_bytes,
+            "autoextend_metadata_threshold_percent": s.autoextend_metadata_threshold_percent,
+            "autoextend_metadata_percent": s.autoextend_metadata_percent,
+            "autoextend_metadata_max_bytes": s.autoextend_metadata_max_bytes,
+            "metadata_can_grow": s.metadata_can_grow,
         }));
     }
     let b = |n: u64| Bytes(n).to_string();
@@ -314,6 +334,28 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
         ("Transaction Id", s.transaction_id.to_string()),
         ("Error If No Space", s.error_if_no_space.to_string()),
         ("Low Water Mark", b(s.low_water_mark)),
+        (
+            "Data Autoextend",
+            autoextend(
+                s.autoextend_data_threshold_percent,
+                s.autoextend_data_percent,
+                s.autoextend_data_max_bytes,
+            ),
+        ),
+        (
+            "Metadata Autoextend",
+            if s.metadata_can_grow {
+                autoextend(
+                    s.autoextend_metadata_threshold_percent,
+                    s.autoextend_metadata_percent,
+                    s.autoextend_metadata_max_bytes,
+                )
+            } else if s.autoextend_metadata_threshold_percent < 100 {
+                "set, but no effect: this backend's metadata cannot grow".into()
+            } else {
+                "not applicable (this backend's metadata cannot grow)".into()
+            },
+        ),
         ("Devices", s.devices.to_string()),
         (
             "Host Filesystem Free",

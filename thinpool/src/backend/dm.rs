@@ -61,6 +61,9 @@ pub struct DmBackend {
     /// bumps (see [`DmBackend::bump_txn`]), and reconcile never needs to know which message a
     /// given id committed, only that the kernel's id never falls behind our records.
     txn: AtomicU64,
+    /// The kernel keeps one metadata snapshot at a time: concurrent `thin_ls` runs (an
+    /// audit and a scrape, two scrapes) take turns.
+    metadata_snap: parking_lot::Mutex<()>,
 }
 
 /// The kernel names of a pool's objects.
@@ -321,6 +324,7 @@ impl DmBackend {
             .params
             .low_water_mark;
         let backend = DmBackend {
+            metadata_snap: parking_lot::Mutex::new(()),
             dm,
             names,
             paths: paths.clone(),
@@ -646,6 +650,28 @@ impl DmBackend {
         }
         Ok(())
     }
+
+    /// `thin_ls --no-headers -o FIELDS` on a metadata snapshot, which lets it read
+    /// consistent metadata while the pool is live; the snapshot is released on every path.
+    fn thin_ls(&self, fields: &[&str]) -> Result<String> {
+        let _snap = self.metadata_snap.lock();
+        self.pool_message("reserve_metadata_snap")
+            .map_err(dm_err("reserve_metadata_snap"))?;
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["--metadata-snap".as_ref(), "--no-headers".as_ref()];
+        for f in fields {
+            args.push("-o".as_ref());
+            args.push(f.as_ref());
+        }
+        args.push(self.meta_node.as_os_str());
+        let listed = fsutil::run("thin_ls", &args);
+        let released = self
+            .pool_message("release_metadata_snap")
+            .map_err(dm_err("release_metadata_snap"));
+        let listed = listed?;
+        released?;
+        Ok(listed)
+    }
 }
 
 /// Removes every kernel device named for this pool: thins first, then pool, data, meta.
@@ -828,27 +854,35 @@ impl Backend for DmBackend {
         mapped
     }
 
+    /// One `thin_ls` on a metadata snapshot for every device (active or not), instead of
+    /// activating each inactive device to read its status: the figures are the metadata's
+    /// last commit, which is what a scrape needs.
+    fn mapped_bytes_many(&self, ids: &[(ThinId, Bytes)]) -> Result<BTreeMap<ThinId, Bytes>> {
+        let wanted: BTreeSet<ThinId> = ids.iter().map(|(id, _)| *id).collect();
+        let listed = self.thin_ls(&["DEV,MAPPED_SECTORS"])?;
+        let mut out = BTreeMap::new();
+        for line in listed.lines().filter(|l| !l.trim().is_empty()) {
+            let mut f = line.split_whitespace();
+            let (Some(dev), Some(sectors)) = (f.next(), f.next()) else {
+                return Err(Error::Inconsistent(format!("thin_ls printed {line:?}")));
+            };
+            let parse = |s: &str| {
+                s.parse::<u64>()
+                    .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))
+            };
+            let id = ThinId::new(
+                u32::try_from(parse(dev)?)
+                    .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))?,
+            )?;
+            if wanted.contains(&id) {
+                out.insert(id, Bytes(parse(sectors)?.saturating_mul(512)));
+            }
+        }
+        Ok(out)
+    }
+
     fn list_ids(&self) -> Result<BTreeSet<ThinId>> {
-        let meta_node = &self.meta_node;
-        // A metadata snapshot lets thin_ls read consistent metadata while the pool is live.
-        self.pool_message("reserve_metadata_snap")
-            .map_err(dm_err("reserve_metadata_snap"))?;
-        let listed = fsutil::run(
-            "thin_ls",
-            &[
-                "--metadata-snap".as_ref(),
-                "--no-headers".as_ref(),
-                "-o".as_ref(),
-                "DEV".as_ref(),
-                meta_node.as_os_str(),
-            ],
-        );
-        let released = self
-            .pool_message("release_metadata_snap")
-            .map_err(dm_err("release_metadata_snap"));
-        let listed = listed?;
-        released?;
-        listed
+        self.thin_ls(&["DEV"])?
             .split_whitespace()
             .map(|s| {
                 s.parse::<u32>()

@@ -57,6 +57,23 @@ pub trait Backend: Send + Sync {
     /// shared with other devices). The device may be active or not.
     fn mapped_bytes(&self, id: ThinId, size: Bytes) -> Result<Bytes>;
 
+    /// [`Backend::mapped_bytes`] of many devices (`(id, size)`) at once, for metrics; ids
+    /// the backend does not have (removed meanwhile) are left out. The default asks device
+    /// by device; dm overrides it because it would activate every inactive device.
+    fn mapped_bytes_many(&self, ids: &[(ThinId, Bytes)]) -> Result<BTreeMap<ThinId, Bytes>> {
+        let mut out = BTreeMap::new();
+        for &(id, size) in ids {
+            match self.mapped_bytes(id, size) {
+                Ok(b) => {
+                    out.insert(id, b);
+                }
+                Err(crate::Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     /// The ids the backend's own metadata holds, read independently of our records (dm:
     /// `thin_ls` on a metadata snapshot). For the audit.
     fn list_ids(&self) -> Result<BTreeSet<ThinId>>;
