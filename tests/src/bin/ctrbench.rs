@@ -699,51 +699,9 @@ fn main() -> Result<()> {
         ctrd.lease_delete_sync("ctrbench-cli-gc")?;
     }
 
-    // Where devmapper's time goes: the cost of one dmsetup fork, and of the mkfs.ext4 that
-    // its parentless Prepare runs (containerd's default options), on a fresh thin device of
-    // the devmapper pool.
-    let mut dmsetup_ms = Vec::new();
-    for _ in 0..o.cli.max(3) {
-        let tm = Instant::now();
-        dmsetup(&["version"])?;
-        dmsetup_ms.push(ms(tm));
-    }
-    let mut mkfs_ms = Vec::new();
-    for _ in 0..2 {
-        let name = "ctrbench-mkfs";
-        dmsetup(&[
-            "message",
-            DM_POOL,
-            "0",
-            &format!("create_thin {DIAG_THIN_ID}"),
-        ])?;
-        dmsetup(&[
-            "create",
-            name,
-            "--table",
-            &format!(
-                "0 {} thin /dev/mapper/{DM_POOL} {DIAG_THIN_ID}",
-                o.base_size.sectors().0
-            ),
-        ])?;
-        let tm = Instant::now();
-        run(Command::new("mkfs.ext4").args([
-            "-q",
-            "-E",
-            "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-            &format!("/dev/mapper/{name}"),
-        ]))?;
-        mkfs_ms.push(ms(tm));
-        dmsetup(&["remove", name])?;
-        dmsetup(&[
-            "message",
-            DM_POOL,
-            "0",
-            &format!("delete {DIAG_THIN_ID}"),
-        ])?;
-    }
+    let diag = diagnostics(&dir, &o)?;
 
-    let report = report(&o, &series, &cli, &ctr_version, &dmsetup_ms, &mkfs_ms, started);
+    let report = report(&o, &series, &cli, &ctr_version, &diag, started);
     println!("=== BENCH BEGIN ===");
     print!("{report}");
     println!("=== BENCH END ===");
@@ -751,13 +709,129 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// The steps of a Prepare, each timed alone on the devmapper pool: what a dmsetup fork, the
+/// kernel's own work (the same ioctls without forks, as thinpoold issues them), the
+/// lost+found mount that devmapper does on every Prepare and the mkfs of its parentless
+/// Prepare cost in this guest. Thin ids far above devmapper's (it counts up from 0).
+fn diagnostics(dir: &Path, o: &Opts) -> Result<Vec<(String, Vec<f64>)>> {
+    let samples = o.cli.max(5);
+    let sectors = o.base_size.sectors().0;
+    let thin_table = |id: u32| format!("0 {sectors} thin /dev/mapper/{DM_POOL} {id}");
+    let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+
+    let mut v = Vec::new();
+    for _ in 0..samples {
+        let tm = Instant::now();
+        dmsetup(&["version"])?;
+        v.push(ms(tm));
+    }
+    out.push(("one `dmsetup version` fork".into(), v));
+
+    // Two parentless devices made as devmapper makes them; the last stays as the origin.
+    let mut v = Vec::new();
+    let origin = DIAG_THIN_ID;
+    for id in [origin + 1, origin] {
+        let name = format!("ctrbench-diag-{id}");
+        dmsetup(&["message", DM_POOL, "0", &format!("create_thin {id}")])?;
+        dmsetup(&["create", &name, "--table", &thin_table(id)])?;
+        let tm = Instant::now();
+        run(Command::new("mkfs.ext4").args([
+            "-q",
+            "-E",
+            "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+            &format!("/dev/mapper/{name}"),
+        ]))?;
+        v.push(ms(tm));
+        dmsetup(&["remove", &name])?;
+    }
+    dmsetup(&["message", DM_POOL, "0", &format!("delete {}", origin + 1)])?;
+    out.push((
+        format!(
+            "mkfs.ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 of a fresh {} \
+             thin device (devmapper's parentless Prepare; mean)",
+            o.base_size
+        ),
+        v,
+    ));
+
+    // dmsetup: the two forks of devmapper's snapshot of an inactive parent.
+    let mut v = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..samples as u32 {
+        let id = origin + 16 + i;
+        let tm = Instant::now();
+        dmsetup(&["message", DM_POOL, "0", &format!("create_snap {id} {origin}")])?;
+        dmsetup(&["create", &format!("ctrbench-diag-{id}"), "--table", &thin_table(id)])?;
+        v.push(ms(tm));
+        ids.push(id);
+    }
+    out.push((
+        "`dmsetup message create_snap` + `dmsetup create` (2 forks)".into(),
+        v,
+    ));
+
+    // The same kernel work through ioctls from this process.
+    let dm = devicemapper::DM::new().context("DM::new")?;
+    let pool_name = devicemapper::DmName::new(DM_POOL)?;
+    let pool_id = devicemapper::DevId::Name(pool_name);
+    let info = dm.device_info(&pool_id)?;
+    let pool_dev = format!("{}:{}", info.device().major, info.device().minor);
+    let mut v = Vec::new();
+    for i in 0..samples as u32 {
+        let id = origin + 64 + i;
+        let name = format!("ctrbench-diag-{id}");
+        let tm = Instant::now();
+        dm.target_msg(&pool_id, None, &format!("create_snap {id} {origin}"))?;
+        let dname = devicemapper::DmName::new(&name)?;
+        let opts = devicemapper::DmOptions::default;
+        dm.device_create(dname, None, opts())?;
+        let table = [(0, sectors, "thin".to_string(), format!("{pool_dev} {id}"))];
+        dm.table_load(&devicemapper::DevId::Name(dname), &table, opts())?;
+        dm.device_suspend(&devicemapper::DevId::Name(dname), opts())?;
+        v.push(ms(tm));
+        ids.push(id);
+    }
+    out.push((
+        "the same as ioctls from one process (create_snap, create, load, resume)".into(),
+        v,
+    ));
+
+    // devmapper's temp mount of every new device to delete lost+found.
+    let mnt = dir.join("diag-mnt");
+    std::fs::create_dir_all(&mnt)?;
+    let mut v = Vec::new();
+    for id in ids.iter().take(samples) {
+        let tm = Instant::now();
+        nix::mount::mount(
+            Some(format!("/dev/mapper/ctrbench-diag-{id}").as_str()),
+            &mnt,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )?;
+        std::fs::remove_dir(mnt.join("lost+found"))?;
+        nix::mount::umount(&mnt)?;
+        v.push(ms(tm));
+    }
+    out.push((
+        "mount ext4 + rmdir lost+found + umount (devmapper does this on every Prepare)".into(),
+        v,
+    ));
+
+    for id in ids {
+        let _ = dmsetup(&["remove", &format!("ctrbench-diag-{id}")]);
+        let _ = dmsetup(&["message", DM_POOL, "0", &format!("delete {id}")]);
+    }
+    let _ = dmsetup(&["message", DM_POOL, "0", &format!("delete {origin}")]);
+    Ok(out)
+}
+
 fn report(
     o: &Opts,
     series: &Series,
     cli: &HashMap<(&str, Kind), Vec<f64>>,
     ctr_version: &[f64],
-    dmsetup_ms: &[f64],
-    mkfs_ms: &[f64],
+    diag: &[(String, Vec<f64>)],
     started: Instant,
 ) -> String {
     let mut r = String::new();
@@ -841,16 +915,21 @@ fn report(
         let (v50, _) = p(ctr_version);
         let _ = writeln!(r, "\n`ctr version` (the fixed cost of a ctr fork): p50 {v50:.0} ms");
     }
-    let (d50, _) = p(dmsetup_ms);
-    let mkfs = mkfs_ms.iter().sum::<f64>() / mkfs_ms.len() as f64;
     let _ = writeln!(
         r,
-        "\nDiagnostics: one `dmsetup version` fork p50 {d50:.1} ms; `mkfs.ext4 -E \
-         nodiscard,lazy_itable_init=0,lazy_journal_init=0` of a fresh {} thin device (what \
-         devmapper's parentless Prepare runs) mean {mkfs:.0} ms over {} runs. Whole run {:.0} s.",
-        o.base_size,
-        mkfs_ms.len(),
-        started.elapsed().as_secs_f64()
+        "\nWhere the time goes: the steps of a Prepare timed alone on the devmapper pool, in \
+         the same guest right after the rows above (p50 of {} runs; mkfs: mean of 2).\n",
+        o.cli.max(5)
     );
+    let _ = writeln!(r, "| step | p50 ms |\n|---|---|");
+    for (label, v) in diag {
+        let x = if label.starts_with("mkfs") {
+            v.iter().sum::<f64>() / v.len() as f64
+        } else {
+            p(v).0
+        };
+        let _ = writeln!(r, "| {label} | {x:.1} |");
+    }
+    let _ = writeln!(r, "\nWhole run {:.0} s.", started.elapsed().as_secs_f64());
     r
 }
