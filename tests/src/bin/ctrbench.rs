@@ -102,7 +102,9 @@ fn parse_opts() -> Result<Opts> {
             print!("{USAGE}");
             std::process::exit(0);
         }
-        let v = args.next().with_context(|| format!("{a} needs a value\n{USAGE}"))?;
+        let v = args
+            .next()
+            .with_context(|| format!("{a} needs a value\n{USAGE}"))?;
         let num = || v.parse::<usize>().with_context(|| format!("{a} {v}"));
         let size = || v.parse::<Bytes>().with_context(|| format!("{a} {v}"));
         match a.as_str() {
@@ -118,8 +120,15 @@ fn parse_opts() -> Result<Opts> {
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
     }
-    ensure!(o.thinpoold.is_file(), "--thinpoold: no file {:?}", o.thinpoold);
-    ensure!(o.n > 0 && o.per_round > 0, "--n and --per-round must be > 0");
+    ensure!(
+        o.thinpoold.is_file(),
+        "--thinpoold: no file {:?}",
+        o.thinpoold
+    );
+    ensure!(
+        o.n > 0 && o.per_round > 0,
+        "--n and --per-round must be > 0"
+    );
     ensure!(
         4 * 2 * o.per_round < GC_MUTATION_THRESHOLD,
         "--per-round {}: a round would reach containerd's GC mutation threshold",
@@ -458,7 +467,10 @@ disabled_plugins = [
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-    eprintln!("ctrbench: containerd ready in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "ctrbench: containerd ready in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(c)
 }
 
@@ -545,6 +557,14 @@ fn rt() -> Result<Runtime> {
 
 type Series = HashMap<(Path3, Kind), Vec<f64>>;
 
+/// One timed operation of a round.
+#[derive(Clone, Copy)]
+enum Op {
+    Prepare(Path3, Kind),
+    /// An index into `STEPS`.
+    Step(usize),
+}
+
 fn main() -> Result<()> {
     let o = parse_opts()?;
     let dir = thinpool_tests::base_dir().join("ctrbench");
@@ -596,6 +616,9 @@ fn main() -> Result<()> {
         );
     }
 
+    let (mut steps, mkfs_ms) = Steps::new(&dir, &o)?;
+    let mut step_ms: Vec<Vec<f64>> = vec![Vec::new(); STEPS.len()];
+
     // Timed rounds, after an untimed warm-up round.
     let mut series: Series = HashMap::new();
     let rounds = o.n.div_ceil(o.per_round);
@@ -615,15 +638,26 @@ fn main() -> Result<()> {
         ctrd.lease_create(&lease)?;
         let mut made: Vec<(Path3, String)> = Vec::new();
         for i in 0..k {
-            // All six series in turn; the first one rotates with every op.
-            let mut order: Vec<(Path3, Kind)> = Path3::ALL
+            // All six series and the steps in turn; the first one rotates with every op.
+            let mut order: Vec<Op> = Path3::ALL
                 .iter()
-                .flat_map(|&p| Kind::ALL.iter().map(move |&k| (p, k)))
+                .flat_map(|&p| Kind::ALL.iter().map(move |&k| Op::Prepare(p, k)))
+                .chain((0..STEPS.len()).map(Op::Step))
                 .collect();
             let len = order.len();
             order.rotate_left(op % len);
             op += 1;
-            for (path, kind) in order {
+            for next in order {
+                let (path, kind) = match next {
+                    Op::Prepare(p, k) => (p, k),
+                    Op::Step(s) => {
+                        let v = steps.run(s)?;
+                        if !warmup {
+                            step_ms[s].push(v);
+                        }
+                        continue;
+                    }
+                };
                 let t = targets.iter_mut().find(|t| t.path == path).unwrap();
                 let key = format!("{}-{}-r{round}-{i}", path.tag(), kind.label());
                 let parent = match kind {
@@ -649,6 +683,7 @@ fn main() -> Result<()> {
             rt.block_on(t.remove(key))?;
         }
         ctrd.lease_delete_sync(&lease)?;
+        steps.clean()?;
         eprintln!(
             "ctrbench: round {round}{}: {k} ops per series, clean-up {:.1} s, {:.0} s so far",
             if warmup { " (warm-up)" } else { "" },
@@ -699,7 +734,16 @@ fn main() -> Result<()> {
         ctrd.lease_delete_sync("ctrbench-cli-gc")?;
     }
 
-    let diag = diagnostics(&dir, &o)?;
+    let mut diag: Vec<(String, Vec<f64>)> =
+        STEPS.iter().map(|s| s.to_string()).zip(step_ms).collect();
+    diag.push((
+        format!(
+            "mkfs.ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 of a fresh {} thin \
+             device (devmapper's parentless Prepare; mean of 2, before the rounds)",
+            o.base_size
+        ),
+        mkfs_ms,
+    ));
 
     let report = report(&o, &series, &cli, &ctr_version, &diag, started);
     println!("=== BENCH BEGIN ===");
@@ -709,121 +753,165 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The steps of a Prepare, each timed alone on the devmapper pool: what a dmsetup fork, the
-/// kernel's own work (the same ioctls without forks, as thinpoold issues them), the
-/// lost+found mount that devmapper does on every Prepare and the mkfs of its parentless
-/// Prepare cost in this guest. Thin ids far above devmapper's (it counts up from 0).
-fn diagnostics(dir: &Path, o: &Opts) -> Result<Vec<(String, Vec<f64>)>> {
-    let samples = o.cli.max(5);
-    let sectors = o.base_size.sectors().0;
-    let thin_table = |id: u32| format!("0 {sectors} thin /dev/mapper/{DM_POOL} {id}");
-    let mut out: Vec<(String, Vec<f64>)> = Vec::new();
+/// The steps of a Prepare, each timed alone on the devmapper pool and interleaved with the
+/// Prepares: what a dmsetup fork costs, the kernel's own work for a snapshot (the same
+/// create_snap + create + load + resume that devmapper forks dmsetup for, as ioctls from one
+/// process, which is how thinpoold issues them), and the lost+found mount that devmapper
+/// does on every Prepare. Thin ids far above devmapper's (it counts up from 0).
+struct Steps {
+    dm: devicemapper::DM,
+    pool_dev: String,
+    sectors: u64,
+    mnt: PathBuf,
+    next_id: u32,
+    /// Devices made this round: removed (untimed) by `clean`.
+    made: Vec<u32>,
+}
 
-    let mut v = Vec::new();
-    for _ in 0..samples {
+/// The step series, in report order.
+const STEPS: [&str; 4] = [
+    "one `dmsetup version` fork",
+    "`dmsetup message create_snap` + `dmsetup create` (2 of devmapper's 3 forks per parented Prepare)",
+    "the same as ioctls from one process (create_snap, create, load, resume)",
+    "mount ext4 + rmdir lost+found + umount (devmapper, every Prepare)",
+];
+
+impl Steps {
+    /// Makes the origin for the snapshot steps as devmapper makes a parentless device
+    /// (create_thin, activate, mkfs with its default options), twice to time mkfs; returns
+    /// the mkfs times.
+    fn new(dir: &Path, o: &Opts) -> Result<(Steps, Vec<f64>)> {
+        let dm = devicemapper::DM::new().context("DM::new")?;
+        let info = dm.device_info(&devicemapper::DevId::Name(devicemapper::DmName::new(
+            DM_POOL,
+        )?))?;
+        let pool_dev = format!("{}:{}", info.device().major, info.device().minor);
+        let mnt = dir.join("steps-mnt");
+        std::fs::create_dir_all(&mnt)?;
+        let steps = Steps {
+            dm,
+            pool_dev,
+            sectors: o.base_size.sectors().0,
+            mnt,
+            next_id: DIAG_THIN_ID + 2,
+            made: Vec::new(),
+        };
+        let mut mkfs = Vec::new();
+        for id in [DIAG_THIN_ID + 1, DIAG_THIN_ID] {
+            let name = steps.name(id);
+            dmsetup(&["message", DM_POOL, "0", &format!("create_thin {id}")])?;
+            dmsetup(&["create", &name, "--table", &steps.table(id)])?;
+            let tm = Instant::now();
+            run(Command::new("mkfs.ext4").args([
+                "-q",
+                "-E",
+                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+                &format!("/dev/mapper/{name}"),
+            ]))?;
+            mkfs.push(ms(tm));
+            dmsetup(&["remove", &name])?;
+        }
+        dmsetup(&[
+            "message",
+            DM_POOL,
+            "0",
+            &format!("delete {}", DIAG_THIN_ID + 1),
+        ])?;
+        Ok((steps, mkfs))
+    }
+
+    fn name(&self, id: u32) -> String {
+        format!("ctrbench-step-{id}")
+    }
+
+    fn table(&self, id: u32) -> String {
+        format!("0 {} thin /dev/mapper/{DM_POOL} {id}", self.sectors)
+    }
+
+    /// Runs step `i` of `STEPS` once; its time in ms.
+    fn run(&mut self, i: usize) -> Result<f64> {
+        let origin = DIAG_THIN_ID;
         let tm = Instant::now();
-        dmsetup(&["version"])?;
-        v.push(ms(tm));
+        match i {
+            0 => {
+                dmsetup(&["version"])?;
+            }
+            1 => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.made.push(id);
+                dmsetup(&[
+                    "message",
+                    DM_POOL,
+                    "0",
+                    &format!("create_snap {id} {origin}"),
+                ])?;
+                dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
+            }
+            2 => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.made.push(id);
+                let pool = devicemapper::DevId::Name(devicemapper::DmName::new(DM_POOL)?);
+                self.dm
+                    .target_msg(&pool, None, &format!("create_snap {id} {origin}"))?;
+                let name = self.name(id);
+                let dname = devicemapper::DmName::new(&name)?;
+                let opts = devicemapper::DmOptions::default;
+                self.dm.device_create(dname, None, opts())?;
+                let table = [(
+                    0,
+                    self.sectors,
+                    "thin".to_string(),
+                    format!("{} {id}", self.pool_dev),
+                )];
+                let dev = devicemapper::DevId::Name(dname);
+                self.dm.table_load(&dev, &table, opts())?;
+                self.dm.device_suspend(&dev, opts())?;
+            }
+            _ => {
+                // A device made by an earlier step, so the mount sees a fresh snapshot of a
+                // freshly made filesystem, as devmapper's does; not timed.
+                let id = self.next_id;
+                self.next_id += 1;
+                self.made.push(id);
+                dmsetup(&[
+                    "message",
+                    DM_POOL,
+                    "0",
+                    &format!("create_snap {id} {origin}"),
+                ])?;
+                dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
+                let dev = format!("/dev/mapper/{}", self.name(id));
+                let tm = Instant::now();
+                nix::mount::mount(
+                    Some(dev.as_str()),
+                    &self.mnt,
+                    Some("ext4"),
+                    nix::mount::MsFlags::empty(),
+                    None::<&str>,
+                )?;
+                std::fs::remove_dir(self.mnt.join("lost+found"))?;
+                nix::mount::umount(&self.mnt)?;
+                return Ok(ms(tm));
+            }
+        }
+        Ok(ms(tm))
     }
-    out.push(("one `dmsetup version` fork".into(), v));
 
-    // Two parentless devices made as devmapper makes them; the last stays as the origin.
-    let mut v = Vec::new();
-    let origin = DIAG_THIN_ID;
-    for id in [origin + 1, origin] {
-        let name = format!("ctrbench-diag-{id}");
-        dmsetup(&["message", DM_POOL, "0", &format!("create_thin {id}")])?;
-        dmsetup(&["create", &name, "--table", &thin_table(id)])?;
-        let tm = Instant::now();
-        run(Command::new("mkfs.ext4").args([
-            "-q",
-            "-E",
-            "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
-            &format!("/dev/mapper/{name}"),
-        ]))?;
-        v.push(ms(tm));
-        dmsetup(&["remove", &name])?;
+    /// Removes this round's devices (not timed).
+    fn clean(&mut self) -> Result<()> {
+        let pool = devicemapper::DevId::Name(devicemapper::DmName::new(DM_POOL)?);
+        for id in self.made.drain(..) {
+            let name = format!("ctrbench-step-{id}");
+            self.dm.device_remove(
+                &devicemapper::DevId::Name(devicemapper::DmName::new(&name)?),
+                devicemapper::DmOptions::default(),
+            )?;
+            self.dm.target_msg(&pool, None, &format!("delete {id}"))?;
+        }
+        Ok(())
     }
-    dmsetup(&["message", DM_POOL, "0", &format!("delete {}", origin + 1)])?;
-    out.push((
-        format!(
-            "mkfs.ext4 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 of a fresh {} \
-             thin device (devmapper's parentless Prepare; mean)",
-            o.base_size
-        ),
-        v,
-    ));
-
-    // dmsetup: the two forks of devmapper's snapshot of an inactive parent.
-    let mut v = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..samples as u32 {
-        let id = origin + 16 + i;
-        let tm = Instant::now();
-        dmsetup(&["message", DM_POOL, "0", &format!("create_snap {id} {origin}")])?;
-        dmsetup(&["create", &format!("ctrbench-diag-{id}"), "--table", &thin_table(id)])?;
-        v.push(ms(tm));
-        ids.push(id);
-    }
-    out.push((
-        "`dmsetup message create_snap` + `dmsetup create` (2 forks)".into(),
-        v,
-    ));
-
-    // The same kernel work through ioctls from this process.
-    let dm = devicemapper::DM::new().context("DM::new")?;
-    let pool_name = devicemapper::DmName::new(DM_POOL)?;
-    let pool_id = devicemapper::DevId::Name(pool_name);
-    let info = dm.device_info(&pool_id)?;
-    let pool_dev = format!("{}:{}", info.device().major, info.device().minor);
-    let mut v = Vec::new();
-    for i in 0..samples as u32 {
-        let id = origin + 64 + i;
-        let name = format!("ctrbench-diag-{id}");
-        let tm = Instant::now();
-        dm.target_msg(&pool_id, None, &format!("create_snap {id} {origin}"))?;
-        let dname = devicemapper::DmName::new(&name)?;
-        let opts = devicemapper::DmOptions::default;
-        dm.device_create(dname, None, opts())?;
-        let table = [(0, sectors, "thin".to_string(), format!("{pool_dev} {id}"))];
-        dm.table_load(&devicemapper::DevId::Name(dname), &table, opts())?;
-        dm.device_suspend(&devicemapper::DevId::Name(dname), opts())?;
-        v.push(ms(tm));
-        ids.push(id);
-    }
-    out.push((
-        "the same as ioctls from one process (create_snap, create, load, resume)".into(),
-        v,
-    ));
-
-    // devmapper's temp mount of every new device to delete lost+found.
-    let mnt = dir.join("diag-mnt");
-    std::fs::create_dir_all(&mnt)?;
-    let mut v = Vec::new();
-    for id in ids.iter().take(samples) {
-        let tm = Instant::now();
-        nix::mount::mount(
-            Some(format!("/dev/mapper/ctrbench-diag-{id}").as_str()),
-            &mnt,
-            Some("ext4"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )?;
-        std::fs::remove_dir(mnt.join("lost+found"))?;
-        nix::mount::umount(&mnt)?;
-        v.push(ms(tm));
-    }
-    out.push((
-        "mount ext4 + rmdir lost+found + umount (devmapper does this on every Prepare)".into(),
-        v,
-    ));
-
-    for id in ids {
-        let _ = dmsetup(&["remove", &format!("ctrbench-diag-{id}")]);
-        let _ = dmsetup(&["message", DM_POOL, "0", &format!("delete {id}")]);
-    }
-    let _ = dmsetup(&["message", DM_POOL, "0", &format!("delete {origin}")]);
-    Ok(out)
 }
 
 fn report(
@@ -847,15 +935,12 @@ fn report(
          device size {}. {} timed Prepares per row ({} per round, interleaved; {} warm-up \
          ops per row first). One snapshots.v1 Prepare RPC per op from a Rust client on the \
          unix socket.\n",
-        o.data_size,
-        o.metadata_size,
-        o.block_size,
-        o.base_size,
-        o.n,
-        o.per_round,
-        o.warmup
+        o.data_size, o.metadata_size, o.block_size, o.base_size, o.n, o.per_round, o.warmup
     );
-    let _ = writeln!(r, "| path | Prepare | n | p50 ms | p99 ms |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| path | Prepare | n | p50 ms | p99 ms |\n|---|---|---|---|---|"
+    );
     for kind in Kind::ALL {
         for path in Path3::ALL {
             let v = &series[&(path, kind)];
@@ -893,7 +978,10 @@ fn report(
              row):\n",
             o.cli
         );
-        let _ = writeln!(r, "| snapshotter | Prepare | p50 ms | max ms |\n|---|---|---|---|");
+        let _ = writeln!(
+            r,
+            "| snapshotter | Prepare | p50 ms | max ms |\n|---|---|---|---|"
+        );
         for sn in ["devmapper", "thinpool"] {
             for kind in Kind::ALL {
                 let v = &cli[&(sn, kind)];
@@ -913,13 +1001,16 @@ fn report(
             );
         }
         let (v50, _) = p(ctr_version);
-        let _ = writeln!(r, "\n`ctr version` (the fixed cost of a ctr fork): p50 {v50:.0} ms");
+        let _ = writeln!(
+            r,
+            "\n`ctr version` (the fixed cost of a ctr fork): p50 {v50:.0} ms"
+        );
     }
     let _ = writeln!(
         r,
-        "\nWhere the time goes: the steps of a Prepare timed alone on the devmapper pool, in \
-         the same guest right after the rows above (p50 of {} runs; mkfs: mean of 2).\n",
-        o.cli.max(5)
+        "\nWhere the time goes: steps of a Prepare timed alone on the devmapper pool, \
+         interleaved with the Prepares above ({} each).\n",
+        o.n
     );
     let _ = writeln!(r, "| step | p50 ms |\n|---|---|");
     for (label, v) in diag {
