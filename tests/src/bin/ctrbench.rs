@@ -1,8 +1,8 @@
 //! containerd benchmark, run inside the VM: `tests/vm/run --bench ctr [ARGS]` (issue #4).
 //!
 //! Prepare latency of containerd 1.6's built-in devmapper snapshotter against thinpoold,
-//! all measured in one run on two pools of the same kind (sparse data and metadata files on
-//! loop devices with the same sizes, block size and low water mark) on the same disk:
+//! all measured in one run on three pools of the same kind (sparse data and metadata files
+//! on loop devices with the same sizes, block size and low water mark) on the same disk:
 //!
 //! - (a) containerd → `io.containerd.snapshotter.v1.devmapper` (the baseline);
 //! - (b) containerd → `[proxy_plugins.thinpool]` → thinpoold (what a containerd user gets);
@@ -14,9 +14,10 @@
 //!
 //! Each is timed for a *parented* Prepare (of one committed parent made up front) and a
 //! *parentless* one, as one snapshots.v1 `Prepare` RPC from a Rust client over the unix
-//! socket. The six series are interleaved op by op (the starting series rotates) so that
-//! drift in the TCG guest lands on all of them alike. A small sample of `ctr snapshots
-//! prepare` CLI calls is timed too, since issue #4 names `ctr snapshots`.
+//! socket. The six series, and the steps of a Prepare timed alone (see `Steps`), are
+//! interleaved op by op (the starting one rotates) so that drift in the TCG guest lands on
+//! all of them alike. A small sample of `ctr snapshots prepare` CLI calls is timed too,
+//! since issue #4 names `ctr snapshots`.
 //!
 //! containerd's garbage collector: snapshots made through containerd are held by a lease (the
 //! `containerd-lease` gRPC header), so GC cannot collect them while they are measured. In
