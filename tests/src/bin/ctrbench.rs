@@ -767,14 +767,17 @@ struct Steps {
     next_id: u32,
     /// Devices made this round: removed (untimed) by `clean`.
     made: Vec<u32>,
+    /// The devmapper pool's kernel transaction id (only these steps change it).
+    txn: u64,
 }
 
 /// The step series, in report order.
-const STEPS: [&str; 4] = [
+const STEPS: [&str; 5] = [
     "one `dmsetup version` fork",
     "`dmsetup message create_snap` + `dmsetup create` (2 of devmapper's 3 forks per parented Prepare)",
     "the same as ioctls from one process (create_snap, create, load, resume)",
     "temp mount ext4 + remove lost+found + umount (devmapper, every Prepare)",
+    "the ioctls plus `set_transaction_id` (thinpoold's kernel sequence)",
 ];
 
 impl Steps {
@@ -796,6 +799,7 @@ impl Steps {
             mnt,
             next_id: DIAG_THIN_ID + 2,
             made: Vec::new(),
+            txn: 0,
         };
         let mut mkfs = Vec::new();
         for id in [DIAG_THIN_ID + 1, DIAG_THIN_ID] {
@@ -867,13 +871,24 @@ impl Steps {
                 ])?;
                 dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
             }
-            2 => {
+            2 | 4 => {
                 let id = self.next_id;
                 self.next_id += 1;
                 self.made.push(id);
                 let pool = devicemapper::DevId::Name(devicemapper::DmName::new(DM_POOL)?);
                 self.dm
                     .target_msg(&pool, None, &format!("create_snap {id} {origin}"))?;
+                if i == 4 {
+                    // thinpoold advances the pool's transaction id with every change (a
+                    // second pool message); devmapper leaves it at 0, so this one is ours.
+                    let t = self.txn;
+                    self.dm.target_msg(
+                        &pool,
+                        None,
+                        &format!("set_transaction_id {t} {}", t + 1),
+                    )?;
+                    self.txn += 1;
+                }
                 let name = self.name(id);
                 let dname = devicemapper::DmName::new(&name)?;
                 let opts = devicemapper::DmOptions::default;
