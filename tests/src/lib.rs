@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 pub mod grpc;
+pub mod http;
 pub mod iobench;
 
 use sha2::{Digest, Sha256};

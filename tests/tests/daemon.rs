@@ -315,32 +315,12 @@ fn thinctl_pool_grow() {
 }
 
 fn get_metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    thinpool_tests::http::get(addr, "/metrics").expect("GET /metrics")
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the daemon to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `promtool check metrics` on `text`: only the expected "no help text" lines allowed.
@@ -380,7 +360,7 @@ fn daemon_metrics_endpoint() {
     let dir = pool_dir("daemon-metrics", false);
     let root = dir.join("pool");
     let socket = dir.join("run").join("thinpool.sock");
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = format!("127.0.0.1:{}", thinpool_tests::http::free_port());
     let d = Daemon::start(
         &root,
         &socket,

@@ -4,24 +4,15 @@
 //!
 //! Needs `target/<profile>/thinpoold` and `thinctl` (tests/run builds them).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thinpool_tests::grpc::Daemon;
+use thinpool_tests::http::{self, free_port};
 use thinpool_tests::{pattern, pool_dir, write_file};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running Prometheus server, killed on drop (every path, panics included).
 struct Prometheus {
@@ -74,7 +65,7 @@ impl Prometheus {
             panic!("prometheus exited ({st}):\n{}", self.log_text());
         }
         let path = format!("/api/v1/query?query={}", urlencode(q));
-        let body = http_get(&self.addr, &path)?;
+        let body = http::get(&self.addr, &path)?;
         let v: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| format!("not JSON ({e}): {body}"))?;
         if v["status"] != "success" {
@@ -110,22 +101,6 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// A minimal HTTP/1.0 GET: the body of a 200 response, or an error.
-fn http_get(addr: &str, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let (head, body) = out
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("not HTTP: {out}"))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("GET {path}: {head}\n{body}"));
-    }
-    Ok(body.to_string())
 }
 
 fn status_json(d: &Daemon) -> serde_json::Value {

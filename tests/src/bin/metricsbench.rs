@@ -16,7 +16,6 @@
 //! between `=== BENCH BEGIN ===` and `=== BENCH END ===`. The pool is torn down on every
 //! path, panics included.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,16 +43,9 @@ fn ms(t: Instant) -> f64 {
 
 /// `GET /metrics` over a fresh connection, as Prometheus does; returns the body's length.
 fn scrape(addr: &str) -> usize {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    assert!(out.starts_with(b"HTTP/1.1 200"), "scrape failed");
-    out.len()
+    thinpool_tests::http::get(addr, "/metrics")
+        .expect("scrape /metrics")
+        .len()
 }
 
 fn ratio(x: f64, base: f64) -> String {
