@@ -843,6 +843,28 @@ impl Steps {
         Ok(())
     }
 
+    /// A thin id for a new step device, remembered for the clean-up.
+    fn new_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.made.push(id);
+        id
+    }
+
+    /// A snapshot of the step origin made as devmapper makes one: `dmsetup message
+    /// create_snap`, then `dmsetup create` (two forks).
+    fn dmsetup_snapshot(&mut self) -> Result<u32> {
+        let id = self.new_id();
+        dmsetup(&[
+            "message",
+            DM_POOL,
+            "0",
+            &format!("create_snap {id} {DIAG_THIN_ID}"),
+        ])?;
+        dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
+        Ok(id)
+    }
+
     fn name(&self, id: u32) -> String {
         format!("ctrbench-step-{id}")
     }
@@ -860,21 +882,10 @@ impl Steps {
                 dmsetup(&["version"])?;
             }
             1 => {
-                let id = self.next_id;
-                self.next_id += 1;
-                self.made.push(id);
-                dmsetup(&[
-                    "message",
-                    DM_POOL,
-                    "0",
-                    &format!("create_snap {id} {origin}"),
-                ])?;
-                dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
+                self.dmsetup_snapshot()?;
             }
             2 | 4 => {
-                let id = self.next_id;
-                self.next_id += 1;
-                self.made.push(id);
+                let id = self.new_id();
                 let pool = devicemapper::DevId::Name(devicemapper::DmName::new(DM_POOL)?);
                 self.dm
                     .target_msg(&pool, None, &format!("create_snap {id} {origin}"))?;
@@ -906,16 +917,7 @@ impl Steps {
             _ => {
                 // A device made by an earlier step, so the mount sees a fresh snapshot of a
                 // freshly made filesystem, as devmapper's does; not timed.
-                let id = self.next_id;
-                self.next_id += 1;
-                self.made.push(id);
-                dmsetup(&[
-                    "message",
-                    DM_POOL,
-                    "0",
-                    &format!("create_snap {id} {origin}"),
-                ])?;
-                dmsetup(&["create", &self.name(id), "--table", &self.table(id)])?;
+                let id = self.dmsetup_snapshot()?;
                 let tm = Instant::now();
                 self.temp_mount(&self.name(id))?;
                 return Ok(ms(tm));
