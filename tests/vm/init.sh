@@ -62,7 +62,8 @@ setup_mounts() {
     mkdir -p /dev/pts /dev/shm
     mount -t devpts devpts /dev/pts
     mount -t tmpfs tmpfs /dev/shm
-    mount -t tmpfs tmpfs /tmp
+    # No tmpfs over /tmp: the initramfs root is already writable memory, and the test
+    # binaries are staged at their host paths, which are under /tmp when CI clones there.
     mount -t tmpfs tmpfs /run
     [ -e /etc/mtab ] || ln -s /proc/self/mounts /etc/mtab
 }
