@@ -86,8 +86,23 @@ pub struct Pool {
     space: Mutex<SpaceState>,
     /// The pool's kernel events (dm), for the space monitor.
     events: Option<Box<dyn PoolEvents>>,
+    /// True once [`Pool::take_down`] took the pool down. Activate and snapshot (the calls
+    /// that make kernel devices) hold it shared, so none runs during a take-down or after.
+    down: parking_lot::RwLock<bool>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
+}
+
+/// What [`Pool::take_down`] did.
+#[derive(Clone, Debug, Default)]
+pub struct TakeDownReport {
+    /// Devices it deactivated.
+    pub deactivated: Vec<ThinId>,
+    /// Devices in use that stayed active (only with `force`), with their nodes. When there
+    /// are any, the pool and its loop devices stayed up under them too.
+    pub busy: Vec<(ThinId, PathBuf)>,
+    /// Whether the pool itself went down (with its loop devices and, on reflink, the mount).
+    pub pool_down: bool,
 }
 
 /// The engine's counters; see [`PoolCounters`].
@@ -288,6 +303,7 @@ impl Pool {
             timings: OpTimings::default(),
             space: Mutex::new(SpaceState::default()),
             events,
+            down: parking_lot::RwLock::new(false),
             _lock: lock,
         })
     }
@@ -528,6 +544,7 @@ impl Pool {
     /// `InvalidArgument` for a bad kind or a size below the parent's, `ResourceExhausted`
     /// while the pool's free space is below `min_free_space` (the message says how to grow).
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Snapshot);
         if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
             return Err(Error::InvalidArgument(format!(
@@ -718,6 +735,7 @@ impl Pool {
     /// Activates a device and returns how to mount it: read-only unless it is active-kind.
     /// Activating an active device returns its spec again.
     pub fn activate(&self, name: &DeviceName) -> Result<MountSpec> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Activate);
         let rec = self.device(name)?;
         if !rec.active {
@@ -1250,6 +1268,123 @@ impl Pool {
             self.backend.teardown()?;
         }
         Ok(())
+    }
+
+    /// Takes the pool down on purpose: deactivates every device, takes the pool down and
+    /// detaches its loop devices (reflink: unmounts the data filesystem), through the same
+    /// [`Backend::teardown`] as `close(true)`. Records stay as they are (a device recorded
+    /// active stays so), so the next open brings everything back. Afterwards activate and
+    /// snapshot are refused; the caller drops the pool (thinpoold exits).
+    ///
+    /// A device in use (mounted, or open): without `force`, `FailedPrecondition` naming the
+    /// busy devices, and nothing changes. With `force`, busy devices stay active, and with
+    /// them the pool and its loop devices (a busy device holds them open); every idle
+    /// device is deactivated. That is the state a plain daemon stop leaves, which the next
+    /// open takes over, never a half-down pool.
+    pub fn take_down(&self, force: bool) -> Result<TakeDownReport> {
+        // Exclusive: no activate or snapshot runs meanwhile, and none starts after.
+        let mut down = self.down.write();
+        let mut report = TakeDownReport::default();
+        if *down {
+            report.pool_down = true;
+            return Ok(report);
+        }
+        let active = self.backend.active_devices()?;
+        // First look, changing nothing: a mounted device refuses an exclusive open.
+        let mut busy: Vec<(ThinId, PathBuf)> = active
+            .iter()
+            .filter(|(_, node)| node_in_use(node))
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        if !busy.is_empty() && !force {
+            return Err(self.busy_error(&busy));
+        }
+        for (id, node) in &active {
+            if busy.iter().any(|(b, _)| b == id) {
+                continue;
+            }
+            let _guard = self.locks.lock(*id);
+            match self.backend.deactivate(*id) {
+                Ok(()) => report.deactivated.push(*id),
+                // Open without an exclusive claim (seen only now): busy after all.
+                Err(Error::FailedPrecondition(_)) if force => busy.push((*id, node.clone())),
+                Err(e) => {
+                    // Put back what we took down, so that a refusal changes nothing.
+                    for id in &report.deactivated {
+                        if let Ok(rec) = self.record(*id) {
+                            let ro = rec.kind != DeviceKind::Active;
+                            if let Err(e) = self.backend.activate(*id, rec.size, ro) {
+                                warn!(id = %id, error = %e, "could not re-activate after a refused take-down");
+                            }
+                        }
+                    }
+                    return Err(match e {
+                        Error::FailedPrecondition(_) => self.busy_error(&[(*id, node.clone())]),
+                        e => e,
+                    });
+                }
+            }
+        }
+        if busy.is_empty() {
+            self.backend.teardown()?;
+            report.pool_down = true;
+            *down = true;
+            info!(devices = report.deactivated.len(), "pool taken down");
+        } else {
+            warn!(busy = busy.len(), deactivated = report.deactivated.len(),
+                "take-down forced: devices in use stay active, and the pool under them");
+        }
+        report.busy = busy;
+        Ok(report)
+    }
+
+    /// `FailedPrecondition` naming the busy devices (at most 16, with their keys).
+    fn busy_error(&self, busy: &[(ThinId, PathBuf)]) -> Error {
+        let mut names: Vec<String> = busy
+            .iter()
+            .take(16)
+            .map(|(id, node)| {
+                let key = self.record(*id).ok().and_then(|r| r.name);
+                match key {
+                    Some(k) => format!("{:?} (thin {id}, {})", k.as_str(), node.display()),
+                    None => format!("thin {id} ({})", node.display()),
+                }
+            })
+            .collect();
+        if busy.len() > names.len() {
+            names.push(format!("and {} more", busy.len() - names.len()));
+        }
+        Error::FailedPrecondition(format!(
+            "devices in use (mounted or open): {}; unmount them, or take the pool down with force",
+            names.join(", ")
+        ))
+    }
+
+    /// Held shared by the calls that make kernel devices; refuses once the pool is down.
+    fn up(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>> {
+        // Recursive: snapshot may activate, and a waiting take-down must not deadlock it.
+        let g = self.down.read_recursive();
+        if *g {
+            return Err(Error::FailedPrecondition(
+                "the pool was taken down; start thinpoold again to bring it back".into(),
+            ));
+        }
+        Ok(g)
+    }
+}
+
+/// Whether a device node is in use: an exclusive open of a block device fails with EBUSY
+/// while it is mounted or exclusively claimed. Plain opens by other processes do not show
+/// here; the backend's deactivate refuses those.
+fn node_in_use(node: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(node)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
 }
 
