@@ -187,6 +187,11 @@ impl Daemon {
     }
 
     pub fn spawn(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        Daemon::spawn_env(root, socket, extra, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_env(root: &Path, socket: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = root.with_extension(format!(
             "thinpoold-{}.log",
             std::time::SystemTime::now()
@@ -214,6 +219,7 @@ impl Daemon {
             .args(metrics)
             .args(extra)
             .env("RUST_LOG", "info,thinpool_server=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
