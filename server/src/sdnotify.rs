@@ -14,9 +14,9 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub fn notify(state: &str) -> io::Result<bool> {
     match std::env::var_os(NOTIFY_SOCKET) {
         Some(v) if !v.is_empty() => {
-            let v = v
-                .into_string()
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NOTIFY_SOCKET is not UTF-8"))?;
+            let v = v.into_string().map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "NOTIFY_SOCKET is not UTF-8")
+            })?;
             notify_to(&v, state)?;
             Ok(true)
         }
@@ -30,7 +30,10 @@ pub fn notify_to(address: &str, state: &str) -> io::Result<()> {
     let sock = UnixDatagram::unbound()?;
     let n = sock.send_to_addr(state.as_bytes(), &addr)?;
     if n != state.len() {
-        return Err(io::Error::new(io::ErrorKind::WriteZero, "short notify datagram"));
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short notify datagram",
+        ));
     }
     Ok(())
 }
@@ -57,7 +60,8 @@ mod tests {
 
     /// A fresh directory of this test's own (no tempfile dependency for three tests).
     fn scratch(test: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("thinpool-sdnotify-{test}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("thinpool-sdnotify-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -85,8 +89,9 @@ mod tests {
     fn abstract_socket_gets_the_state() {
         use std::os::linux::net::SocketAddrExt;
         let name = format!("thinpool-sdnotify-test-{}", std::process::id());
-        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
-            .unwrap();
+        let sock =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
         notify_to(&format!("@{name}"), "READY=1").unwrap();
         assert_eq!(recv(&sock), "READY=1");
     }

@@ -857,8 +857,13 @@ impl Admin for Service {
         let t = Instant::now();
         let res = async {
             let r = self.inner.pool.take_down(force).await.map_err(status)?;
-            info!(force, deactivated = r.deactivated.len(), busy = r.busy.len(),
-                pool_down = r.pool_down, "TakeDown: stopping the daemon");
+            info!(
+                force,
+                deactivated = r.deactivated.len(),
+                busy = r.busy.len(),
+                pool_down = r.pool_down,
+                "TakeDown: stopping the daemon"
+            );
             // notify_one keeps the wake-up for a waiter that comes later.
             self.inner.taken_down.notify_one();
             Ok(Response::new(admin::TakeDownResponse {

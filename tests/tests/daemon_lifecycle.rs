@@ -35,7 +35,10 @@ fn wait_exit(d: &mut Daemon) -> std::process::ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("thinpoold still runs 60 s after pool down:\n{}", d.log_text());
+            panic!(
+                "thinpoold still runs 60 s after pool down:\n{}",
+                d.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -55,11 +58,22 @@ fn ok(d: &Daemon, args: &[&str]) -> String {
 fn systemd_unit_verifies() {
     let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/thinpoold.service");
     let text = std::fs::read_to_string(&unit).unwrap();
-    for want in ["Type=notify", "StateDirectoryMode=0700", "StateDirectory=thinpool"] {
-        assert!(text.lines().any(|l| l == want), "{want} missing in the unit");
+    for want in [
+        "Type=notify",
+        "StateDirectoryMode=0700",
+        "StateDirectory=thinpool",
+    ] {
+        assert!(
+            text.lines().any(|l| l == want),
+            "{want} missing in the unit"
+        );
     }
     const EXEC: &str = "ExecStart=/usr/local/bin/thinpoold ";
-    assert_eq!(text.matches(EXEC).count(), 1, "one ExecStart of /usr/local/bin/thinpoold");
+    assert_eq!(
+        text.matches(EXEC).count(),
+        1,
+        "one ExecStart of /usr/local/bin/thinpoold"
+    );
     let copy = text.replace(EXEC, &format!("ExecStart={} ", bin("thinpoold").display()));
     let dir = pool_dir("systemd-unit", false);
     let path = dir.join("thinpoold.service");
@@ -70,9 +84,15 @@ fn systemd_unit_verifies() {
         .output()
         .expect("systemd-analyze (scripts/setup --native-tests installs systemd)");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{err}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{err}"
+    );
     // Its other units may draw warnings on this host; ours must draw none.
-    assert!(!err.contains("thinpoold.service"), "warnings about the unit:\n{err}");
+    assert!(
+        !err.contains("thinpoold.service"),
+        "warnings about the unit:\n{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -201,10 +221,24 @@ fn daemon_pool_down_and_back() {
     // Busy: refused, naming the device, and nothing changes.
     let (good, out, err) = d.thinctl(&["pool", "down"]);
     assert!(!good, "pool down with c1 mounted succeeded: {out}");
-    assert!(err.contains("failed precondition") && err.contains("\"c1\""), "{err}");
-    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none(), "daemon exited");
-    assert_eq!(json(&ok(&d, &["device", "ls", "--json"])), devices_before, "changed");
-    assert_eq!(read_file(&mnt.join("own")), own, "the mounted device still works");
+    assert!(
+        err.contains("failed precondition") && err.contains("\"c1\""),
+        "{err}"
+    );
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "daemon exited"
+    );
+    assert_eq!(
+        json(&ok(&d, &["device", "ls", "--json"])),
+        devices_before,
+        "changed"
+    );
+    assert_eq!(
+        read_file(&mnt.join("own")),
+        own,
+        "the mounted device still works"
+    );
     ok(&d, &["snapshot", "prepare", "c2", "layer1"]); // and the pool still serves
 
     // Idle: down, and the daemon exits cleanly.
@@ -217,7 +251,11 @@ fn daemon_pool_down_and_back() {
     assert!(st.success(), "exit {st}:\n{}", d.log_text());
     assert!(d.log_text().contains("pool taken down"), "{}", d.log_text());
     assert!(!socket.exists(), "socket removed");
-    assert_eq!(kernel_leftovers(&root, &tag), Vec::<String>::new(), "left after pool down");
+    assert_eq!(
+        kernel_leftovers(&root, &tag),
+        Vec::<String>::new(),
+        "left after pool down"
+    );
 
     // The next start brings everything back.
     let mut d = Daemon::start(&root, &socket, &[]);
@@ -248,13 +286,21 @@ fn daemon_pool_down_and_back() {
     assert_eq!(r["busy"].as_array().unwrap().len(), 1, "{r}");
     let st = wait_exit(&mut d);
     assert!(st.success(), "exit {st}:\n{}", d.log_text());
-    assert_eq!(read_file(&mnt.join("own")), own, "a forced take-down keeps c1 working");
+    assert_eq!(
+        read_file(&mnt.join("own")),
+        own,
+        "a forced take-down keeps c1 working"
+    );
     let d = Daemon::start(&root, &socket, &[]);
     thinpool::fsutil::unmount(&mnt).unwrap();
     ok(&d, &["pool", "down"]);
     let mut d = d;
     assert!(wait_exit(&mut d).success(), "{}", d.log_text());
-    assert_eq!(kernel_leftovers(&root, &tag), Vec::<String>::new(), "left after pool down");
+    assert_eq!(
+        kernel_leftovers(&root, &tag),
+        Vec::<String>::new(),
+        "left after pool down"
+    );
     drop(d);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -415,7 +415,11 @@ fn take_down_refuses_busy_then_leaves_nothing() {
         matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("\"c\""),
         "{err}"
     );
-    assert_eq!(tp.pool().active_devices().unwrap(), active, "a refusal changes nothing");
+    assert_eq!(
+        tp.pool().active_devices().unwrap(),
+        active,
+        "a refusal changes nothing"
+    );
     assert_eq!(read_file(&c.join("own")), own);
 
     tp.unmount(&c);
@@ -424,7 +428,10 @@ fn take_down_refuses_busy_then_leaves_nothing() {
     assert_eq!(r.deactivated.len(), active.len(), "{r:?}");
     assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
     let again = tp.pool().activate(&name("c"));
-    assert!(matches!(again, Err(Error::FailedPrecondition(_))), "{again:?}");
+    assert!(
+        matches!(again, Err(Error::FailedPrecondition(_))),
+        "{again:?}"
+    );
     assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
 
     tp.reopen(&spec);

@@ -1331,8 +1331,11 @@ impl Pool {
             *down = true;
             info!(devices = report.deactivated.len(), "pool taken down");
         } else {
-            warn!(busy = busy.len(), deactivated = report.deactivated.len(),
-                "take-down forced: devices in use stay active, and the pool under them");
+            warn!(
+                busy = busy.len(),
+                deactivated = report.deactivated.len(),
+                "take-down forced: devices in use stay active, and the pool under them"
+            );
         }
         report.busy = busy;
         Ok(report)
