@@ -427,11 +427,17 @@ fn take_down_refuses_busy_then_leaves_nothing() {
     assert!(r.pool_down && r.busy.is_empty(), "{r:?}");
     assert_eq!(r.deactivated.len(), active.len(), "{r:?}");
     assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
+    // Down: every call that would change the backend is refused (not "done" on an empty
+    // mount point).
     let again = tp.pool().activate(&name("c"));
     assert!(
         matches!(again, Err(Error::FailedPrecondition(_))),
         "{again:?}"
     );
+    let rm = tp.pool().remove(&name("v"), RemoveOptions::default());
+    assert!(matches!(rm, Err(Error::FailedPrecondition(_))), "{rm:?}");
+    let de = tp.pool().deactivate(&name("c"));
+    assert!(matches!(de, Err(Error::FailedPrecondition(_))), "{de:?}");
     assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
 
     tp.reopen(&spec);

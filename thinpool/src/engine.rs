@@ -86,8 +86,10 @@ pub struct Pool {
     space: Mutex<SpaceState>,
     /// The pool's kernel events (dm), for the space monitor.
     events: Option<Box<dyn PoolEvents>>,
-    /// True once [`Pool::take_down`] took the pool down. Activate and snapshot (the calls
-    /// that make kernel devices) hold it shared, so none runs during a take-down or after.
+    /// True once [`Pool::take_down`] took the pool down. The calls that change the backend
+    /// (snapshot, commit, activate, deactivate, remove, reclaim, grow) hold it shared, so
+    /// none runs during a take-down or after: on reflink, the pool's directory is then an
+    /// empty mount point, where a delete of an absent file would "succeed".
     down: parking_lot::RwLock<bool>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
@@ -677,6 +679,7 @@ impl Pool {
         name: &DeviceName,
         labels: Option<BTreeMap<String, String>>,
     ) -> Result<DeviceRecord> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Commit);
         if let Some(l) = &labels {
             ids::validate_labels(l)?;
@@ -776,6 +779,7 @@ impl Pool {
 
     /// Deactivates a device. Fails with `FailedPrecondition` while it is mounted or open.
     pub fn deactivate(&self, name: &DeviceName) -> Result<()> {
+        let _up = self.up()?;
         let rec = self.device(name)?;
         let _guard = self.locks.lock(rec.id);
         // Kernel first: a busy (mounted) device must keep its record saying "active". A crash
@@ -792,6 +796,7 @@ impl Pool {
 
     /// Removes a device. Fails with `FailedPrecondition` if it has children.
     pub fn remove(&self, name: &DeviceName, opts: RemoveOptions) -> Result<()> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Remove);
         if !opts.deferred {
             self.deactivate_for_remove(name)?;
@@ -852,6 +857,7 @@ impl Pool {
     /// returns how many devices were freed. A device still in use is skipped (and retried by
     /// the next reclaim); any other failure is returned after the rest were tried.
     pub fn reclaim(&self) -> Result<usize> {
+        let _up = self.up()?;
         let pending: Vec<ThinId> = self
             .store
             .read(|r| r.devices())?
@@ -995,6 +1001,7 @@ impl Pool {
     /// open finishes a grow whose record is missing. Data grows before metadata: when the
     /// metadata step fails, the data stays grown (and recorded) and the error is returned.
     pub fn grow(&self, req: GrowRequest) -> Result<GrowOutcome> {
+        let _up = self.up()?;
         let _grow = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.grow_locked(&req)
     }
@@ -1080,6 +1087,7 @@ impl Pool {
     /// until they clear (a monitor calls this every few seconds), and retried next round.
     /// Metadata is left alone where it cannot grow (reflink).
     pub fn autoextend_check(&self) -> Result<Option<GrowOutcome>> {
+        let _up = self.up()?;
         let settings = self.settings();
         let metadata_policy = if self.backend.metadata_grows() {
             settings.autoextend_metadata
@@ -1273,8 +1281,9 @@ impl Pool {
     /// Takes the pool down on purpose: deactivates every device, takes the pool down and
     /// detaches its loop devices (reflink: unmounts the data filesystem), through the same
     /// [`Backend::teardown`] as `close(true)`. Records stay as they are (a device recorded
-    /// active stays so), so the next open brings everything back. Afterwards activate and
-    /// snapshot are refused; the caller drops the pool (thinpoold exits).
+    /// active stays so), so the next open brings everything back. Afterwards
+    /// every call that changes the backend is refused; the caller drops the pool (thinpoold
+    /// exits).
     ///
     /// A device in use (mounted, or open): without `force`, `FailedPrecondition` naming the
     /// busy devices, and nothing changes. With `force`, busy devices stay active, and with
@@ -1363,7 +1372,7 @@ impl Pool {
         ))
     }
 
-    /// Held shared by the calls that make kernel devices; refuses once the pool is down.
+    /// Held shared by the calls that change the backend; refuses once the pool is down.
     fn up(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>> {
         // Recursive: snapshot may activate, and a waiting take-down must not deadlock it.
         let g = self.down.read_recursive();
