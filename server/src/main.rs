@@ -243,7 +243,7 @@ async fn main() -> Result<()> {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }
     if taken_down.load(std::sync::atomic::Ordering::Relaxed) {
-        info!("stopped; the pool is down until the next start");
+        info!("stopped after TakeDown; the next start brings the pool back");
     } else {
         // Devices stay active: containers may still be using them.
         info!("stopped");
