@@ -18,7 +18,9 @@ use thinpool_proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
-pub use thinpool_proto::admin::{AuditResponse, Device, GrowPoolResponse, PoolStatusResponse};
+pub use thinpool_proto::admin::{
+    AuditResponse, Device, GrowPoolResponse, PoolStatusResponse, TakeDownResponse,
+};
 pub use thinpool_proto::snapshots::{Info, Kind};
 pub use thinpool_proto::types::Mount;
 
@@ -335,6 +337,12 @@ impl Client {
             force,
         };
         Ok(self.admin.grow_pool(req).await?.into_inner())
+    }
+
+    /// Takes the pool down (see the TakeDown rpc); the daemon exits afterwards.
+    pub async fn take_down(&mut self, force: bool) -> Result<TakeDownResponse> {
+        let req = admin::TakeDownRequest { force };
+        Ok(self.admin.take_down(req).await?.into_inner())
     }
 }
 

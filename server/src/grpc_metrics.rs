@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use http_body::{Body, Frame};
 
 /// Every method of both services, as `/package.Service/Method` paths.
-pub const METHODS: [&str; 16] = [
+pub const METHODS: [&str; 17] = [
     "/containerd.services.snapshots.v1.Snapshots/Prepare",
     "/containerd.services.snapshots.v1.Snapshots/View",
     "/containerd.services.snapshots.v1.Snapshots/Mounts",
@@ -38,6 +38,7 @@ pub const METHODS: [&str; 16] = [
     "/thinpool.v1.Admin/Deactivate",
     "/thinpool.v1.Admin/Audit",
     "/thinpool.v1.Admin/GrowPool",
+    "/thinpool.v1.Admin/TakeDown",
 ];
 
 /// gRPC status code names, by number (as grpc-go and grpc-prometheus spell them).

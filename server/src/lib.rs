@@ -8,6 +8,7 @@ pub mod config;
 pub mod filter;
 pub mod grpc_metrics;
 pub mod metrics;
+pub mod sdnotify;
 pub mod service;
 
 use std::future::Future;

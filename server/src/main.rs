@@ -4,7 +4,9 @@
 //! Start-up: read the settings (flags over `--config` TOML over defaults), create or open
 //! the pool (reassembling it after a restart or a reboot, reconciling unfinished
 //! operations), bind the socket, serve. SIGTERM/SIGINT: stop accepting, let in-flight
-//! requests finish, exit; devices stay active for the containers using them.
+//! requests finish, exit; devices stay active for the containers using them. The admin
+//! TakeDown request (`thinctl pool down`) takes the pool down, then the daemon exits the same
+//! way. Under systemd (`Type=notify`) it sends READY=1 once serving and STOPPING=1 on stop.
 
 use std::path::PathBuf;
 
@@ -186,6 +188,7 @@ async fn main() -> Result<()> {
             "could not create the image-fs directory CRI reports to kubelet");
     }
     let grpc_metrics = std::sync::Arc::new(thinpool_server::grpc_metrics::GrpcMetrics::default());
+    let mut metrics_url = None;
     let metrics_task = if config.metrics_addr.is_empty() {
         info!("metrics endpoint disabled (empty --metrics-addr)");
         None
@@ -193,6 +196,7 @@ async fn main() -> Result<()> {
         let l = tokio::net::TcpListener::bind(&config.metrics_addr)
             .await
             .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+        metrics_url = l.local_addr().ok().map(|a| format!("http://{a}/metrics"));
         info!(addr = %config.metrics_addr, per_device = config.metrics_per_device,
             "serving /metrics");
         let exporter = thinpool_server::metrics::Exporter::new(
@@ -213,12 +217,24 @@ async fn main() -> Result<()> {
         },
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: stopping; letting requests in flight finish"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
+    let taken_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shutdown = {
+        let (service, taken_down) = (service.clone(), taken_down.clone());
+        async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping; letting requests in flight finish"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
+                _ = service.taken_down() => {
+                    taken_down.store(true, std::sync::atomic::Ordering::Relaxed);
+                    info!("the pool was taken down (TakeDown): stopping");
+                }
+            }
+            sd_notify("STOPPING=1");
         }
     };
+    // Both listeners are bound and the pool is open: connections from now on are served.
+    sd_notify("READY=1");
+    ready_hint(&config.socket, metrics_url.as_deref());
     thinpool_server::serve_counted(service, listener, shutdown, grpc_metrics).await?;
     if let Some(t) = metrics_task {
         t.abort();
@@ -226,7 +242,34 @@ async fn main() -> Result<()> {
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }
-    // Devices stay active: containers may still be using them.
-    info!("stopped");
+    if taken_down.load(std::sync::atomic::Ordering::Relaxed) {
+        info!("stopped after TakeDown; the next start brings the pool back");
+    } else {
+        // Devices stay active: containers may still be using them.
+        info!("stopped");
+    }
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about a state change; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    if let Err(e) = thinpool_server::sdnotify::notify(state) {
+        warn!(state, error = %e, "could not notify systemd");
+    }
+}
+
+/// One line for a person at a terminal (scripts/run): where we serve, and what to try.
+fn ready_hint(socket: &std::path::Path, metrics_url: Option<&str>) {
+    let thinctl = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("thinctl")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("thinctl"));
+    info!(
+        socket = %socket.display(),
+        metrics = metrics_url.unwrap_or("disabled"),
+        "ready; try: {} --socket {} pool status",
+        thinctl.display(),
+        socket.display()
+    );
 }

@@ -126,6 +126,8 @@ struct Inner {
     reclaim_wake: Notify,
     /// Serialises label read-modify-writes (Update).
     update_lock: Mutex<()>,
+    /// Notified once TakeDown has taken the pool down: the daemon stops serving.
+    taken_down: Notify,
 }
 
 /// Both services share this; cloning is cheap.
@@ -145,12 +147,19 @@ impl Service {
                 reclaim_lock: Mutex::new(()),
                 reclaim_wake: Notify::new(),
                 update_lock: Mutex::new(()),
+                taken_down: Notify::new(),
             }),
         }
     }
 
     pub fn pool(&self) -> &AsyncPool {
         &self.inner.pool
+    }
+
+    /// Completes once a TakeDown request has gone through (the pool is down, or with force
+    /// as far down as it goes): the daemon then stops serving and exits.
+    pub async fn taken_down(&self) {
+        self.inner.taken_down.notified().await
     }
 
     /// Finishes every deferred removal; returns how many devices were freed.
@@ -838,5 +847,32 @@ impl Admin for Service {
         }
         .await;
         traced("GrowPool", &what, t, res)
+    }
+
+    async fn take_down(
+        &self,
+        req: Request<admin::TakeDownRequest>,
+    ) -> Result<Response<admin::TakeDownResponse>, Status> {
+        let force = req.into_inner().force;
+        let t = Instant::now();
+        let res = async {
+            let r = self.inner.pool.take_down(force).await.map_err(status)?;
+            info!(
+                force,
+                deactivated = r.deactivated.len(),
+                busy = r.busy.len(),
+                pool_down = r.pool_down,
+                "TakeDown: stopping the daemon"
+            );
+            // notify_one keeps the wake-up for a waiter that comes later.
+            self.inner.taken_down.notify_one();
+            Ok(Response::new(admin::TakeDownResponse {
+                deactivated: r.deactivated.iter().map(|id| id.get()).collect(),
+                busy: r.busy.iter().map(|(id, _)| id.get()).collect(),
+                pool_down: r.pool_down,
+            }))
+        }
+        .await;
+        traced("TakeDown", if force { "force" } else { "" }, t, res)
     }
 }

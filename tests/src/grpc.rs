@@ -169,8 +169,9 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A `thinpoold` child process on its own root and socket. Killed (SIGKILL) and its pool
-/// torn down on drop unless stopped.
+/// A `thinpoold` child process on its own root and socket. On drop, unless stopped: taken
+/// down with `thinctl pool down --force` (killed if it does not exit), then whatever is left
+/// of its pool is torn down.
 pub struct Daemon {
     pub child: Option<Child>,
     pub root: PathBuf,
@@ -187,6 +188,11 @@ impl Daemon {
     }
 
     pub fn spawn(root: &Path, socket: &Path, extra: &[&str]) -> Daemon {
+        Daemon::spawn_env(root, socket, extra, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_env(root: &Path, socket: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = root.with_extension(format!(
             "thinpoold-{}.log",
             std::time::SystemTime::now()
@@ -214,6 +220,7 @@ impl Daemon {
             .args(metrics)
             .args(extra)
             .env("RUST_LOG", "info,thinpool_server=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -301,14 +308,49 @@ pub fn thinctl(socket: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Waits up to `secs` for `c` to exit; whether it did.
+fn exited_within(c: &mut Child, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if !matches!(c.try_wait(), Ok(None)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // Clean up as an operator would: `thinctl pool down --force` (the daemon takes
+            // down what no one uses, then exits). A daemon that does not answer is killed.
+            // No bin(): it panics, and a panic in a drop during a panic aborts.
+            let thinctl = std::env::current_exe()
+                .ok()
+                .and_then(|e| Some(e.parent()?.parent()?.join("thinctl")))
+                .filter(|p| p.is_file());
+            if let Some(thinctl) = thinctl
+                && matches!(c.try_wait(), Ok(None))
+                && let Ok(mut down) = Command::new(thinctl)
+                    .arg("--socket")
+                    .arg(&self.socket)
+                    .args(["pool", "down", "--force"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            {
+                if !exited_within(&mut down, 30) {
+                    let _ = down.kill();
+                }
+                let _ = down.wait();
+                exited_within(&mut c, 30);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Tear down whatever the daemon left active (devices stay active across a stop by
-        // design), as a reboot would.
+        // Tear down whatever is left (a daemon that had stopped or died keeps its devices
+        // active by design; a forced take-down keeps busy ones), as a reboot would.
         if self.root.join("pool.redb").exists()
             && let Ok(p) = thinpool::Pool::open(&thinpool::PoolSpec {
                 root: self.root.clone(),

@@ -386,6 +386,71 @@ fn engine_restart_restores_state() {
     tp.assert_audit_clean();
 }
 
+/// `Pool::take_down` (`thinctl pool down`), on the backend under test (dm in the VM):
+/// refused while a device is mounted, naming it and changing nothing; then no device,
+/// pool, loop device or mount of the pool stays in the kernel, activate is refused, and
+/// the next open brings every snapshot back with its data.
+#[test]
+fn take_down_refuses_busy_then_leaves_nothing() {
+    let mut tp = TestPool::small("take-down");
+    let spec = small_spec(&tp.root);
+    let tag = tp.pool().settings().tag.clone();
+    let bulk = pattern(21, 2 << 20);
+    make_layer(&mut tp, "k1", "l1", None, "bulk", &bulk);
+    tp.pool()
+        .snapshot(request("c", Some("l1"), DeviceKind::Active))
+        .unwrap();
+    tp.pool()
+        .snapshot(request("v", Some("l1"), DeviceKind::View))
+        .unwrap();
+    tp.pool().activate(&name("v")).unwrap();
+    let c = tp.mount("c");
+    let own = pattern(22, 1 << 20);
+    write_file(&c.join("own"), &own);
+    let active = tp.pool().active_devices().unwrap();
+    assert!(active.len() >= 2, "c and v are active: {active:?}");
+
+    let err = tp.pool().take_down(false).unwrap_err();
+    assert!(
+        matches!(err, Error::FailedPrecondition(_)) && err.to_string().contains("\"c\""),
+        "{err}"
+    );
+    assert_eq!(
+        tp.pool().active_devices().unwrap(),
+        active,
+        "a refusal changes nothing"
+    );
+    assert_eq!(read_file(&c.join("own")), own);
+
+    tp.unmount(&c);
+    let r = tp.pool().take_down(false).unwrap();
+    assert!(r.pool_down && r.busy.is_empty(), "{r:?}");
+    assert_eq!(r.deactivated.len(), active.len(), "{r:?}");
+    assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
+    // Down: every call that would change the backend is refused (not "done" on an empty
+    // mount point).
+    let again = tp.pool().activate(&name("c"));
+    assert!(
+        matches!(again, Err(Error::FailedPrecondition(_))),
+        "{again:?}"
+    );
+    let rm = tp.pool().remove(&name("v"), RemoveOptions::default());
+    assert!(matches!(rm, Err(Error::FailedPrecondition(_))), "{rm:?}");
+    let de = tp.pool().deactivate(&name("c"));
+    assert!(matches!(de, Err(Error::FailedPrecondition(_))), "{de:?}");
+    assert_eq!(kernel_leftovers(&tp.root, &tag), Vec::<String>::new());
+
+    tp.reopen(&spec);
+    let c = tp.mount("c");
+    assert_eq!(sha256_hex(&read_file(&c.join("own"))), sha256_hex(&own));
+    assert_eq!(sha256_hex(&read_file(&c.join("bulk"))), sha256_hex(&bulk));
+    tp.unmount(&c);
+    let v = tp.mount("v");
+    assert_eq!(sha256_hex(&read_file(&v.join("bulk"))), sha256_hex(&bulk));
+    tp.unmount(&v);
+    tp.assert_audit_clean();
+}
+
 /// Phase 1 writes checksummed files; phase 2, after a reboot, checks them. Natively both run
 /// in one process with a teardown (everything a reboot removes) in between; in the VM the
 /// harness really powers the guest off between them.

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::engine::{Pool, RemoveOptions, SnapshotRequest};
+use crate::engine::{Pool, RemoveOptions, SnapshotRequest, TakeDownReport};
 use crate::error::{Error, Result};
 use crate::ids::DeviceName;
 use crate::model::{
@@ -41,6 +41,12 @@ impl AsyncPool {
     /// The blocking engine, for callers already on a blocking thread.
     pub fn engine(&self) -> &Arc<Pool> {
         &self.pool
+    }
+
+    /// [`Pool::take_down`].
+    pub async fn take_down(&self, force: bool) -> Result<TakeDownReport> {
+        let p = self.pool.clone();
+        blocking(move || p.take_down(force)).await
     }
 
     pub async fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {

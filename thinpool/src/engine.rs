@@ -86,8 +86,25 @@ pub struct Pool {
     space: Mutex<SpaceState>,
     /// The pool's kernel events (dm), for the space monitor.
     events: Option<Box<dyn PoolEvents>>,
+    /// True once [`Pool::take_down`] took the pool down. The calls that change the backend
+    /// (snapshot, commit, activate, deactivate, remove, reclaim, grow) hold it shared, so
+    /// none runs during a take-down or after: on reflink, the pool's directory is then an
+    /// empty mount point, where a delete of an absent file would "succeed".
+    down: parking_lot::RwLock<bool>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
+}
+
+/// What [`Pool::take_down`] did.
+#[derive(Clone, Debug, Default)]
+pub struct TakeDownReport {
+    /// Devices it deactivated.
+    pub deactivated: Vec<ThinId>,
+    /// Devices in use that stayed active (only with `force`), with their nodes. When there
+    /// are any, the pool and its loop devices stayed up under them too.
+    pub busy: Vec<(ThinId, PathBuf)>,
+    /// Whether the pool itself went down (with its loop devices and, on reflink, the mount).
+    pub pool_down: bool,
 }
 
 /// The engine's counters; see [`PoolCounters`].
@@ -288,6 +305,7 @@ impl Pool {
             timings: OpTimings::default(),
             space: Mutex::new(SpaceState::default()),
             events,
+            down: parking_lot::RwLock::new(false),
             _lock: lock,
         })
     }
@@ -528,6 +546,7 @@ impl Pool {
     /// `InvalidArgument` for a bad kind or a size below the parent's, `ResourceExhausted`
     /// while the pool's free space is below `min_free_space` (the message says how to grow).
     pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Snapshot);
         if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
             return Err(Error::InvalidArgument(format!(
@@ -660,6 +679,7 @@ impl Pool {
         name: &DeviceName,
         labels: Option<BTreeMap<String, String>>,
     ) -> Result<DeviceRecord> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Commit);
         if let Some(l) = &labels {
             ids::validate_labels(l)?;
@@ -718,6 +738,7 @@ impl Pool {
     /// Activates a device and returns how to mount it: read-only unless it is active-kind.
     /// Activating an active device returns its spec again.
     pub fn activate(&self, name: &DeviceName) -> Result<MountSpec> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Activate);
         let rec = self.device(name)?;
         if !rec.active {
@@ -758,6 +779,7 @@ impl Pool {
 
     /// Deactivates a device. Fails with `FailedPrecondition` while it is mounted or open.
     pub fn deactivate(&self, name: &DeviceName) -> Result<()> {
+        let _up = self.up()?;
         let rec = self.device(name)?;
         let _guard = self.locks.lock(rec.id);
         // Kernel first: a busy (mounted) device must keep its record saying "active". A crash
@@ -774,6 +796,7 @@ impl Pool {
 
     /// Removes a device. Fails with `FailedPrecondition` if it has children.
     pub fn remove(&self, name: &DeviceName, opts: RemoveOptions) -> Result<()> {
+        let _up = self.up()?;
         let _t = self.timings.start(Operation::Remove);
         if !opts.deferred {
             self.deactivate_for_remove(name)?;
@@ -834,6 +857,7 @@ impl Pool {
     /// returns how many devices were freed. A device still in use is skipped (and retried by
     /// the next reclaim); any other failure is returned after the rest were tried.
     pub fn reclaim(&self) -> Result<usize> {
+        let _up = self.up()?;
         let pending: Vec<ThinId> = self
             .store
             .read(|r| r.devices())?
@@ -977,6 +1001,7 @@ impl Pool {
     /// open finishes a grow whose record is missing. Data grows before metadata: when the
     /// metadata step fails, the data stays grown (and recorded) and the error is returned.
     pub fn grow(&self, req: GrowRequest) -> Result<GrowOutcome> {
+        let _up = self.up()?;
         let _grow = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.grow_locked(&req)
     }
@@ -1062,6 +1087,7 @@ impl Pool {
     /// until they clear (a monitor calls this every few seconds), and retried next round.
     /// Metadata is left alone where it cannot grow (reflink).
     pub fn autoextend_check(&self) -> Result<Option<GrowOutcome>> {
+        let _up = self.up()?;
         let settings = self.settings();
         let metadata_policy = if self.backend.metadata_grows() {
             settings.autoextend_metadata
@@ -1250,6 +1276,127 @@ impl Pool {
             self.backend.teardown()?;
         }
         Ok(())
+    }
+
+    /// Takes the pool down on purpose: deactivates every device, takes the pool down and
+    /// detaches its loop devices (reflink: unmounts the data filesystem), through the same
+    /// [`Backend::teardown`] as `close(true)`. Records stay as they are (a device recorded
+    /// active stays so), so the next open brings everything back. Afterwards
+    /// every call that changes the backend is refused; the caller drops the pool (thinpoold
+    /// exits).
+    ///
+    /// A device in use (mounted, or open): without `force`, `FailedPrecondition` naming the
+    /// busy devices, and nothing changes. With `force`, busy devices stay active, and with
+    /// them the pool and its loop devices (a busy device holds them open); every idle
+    /// device is deactivated. That is the state a plain daemon stop leaves, which the next
+    /// open takes over, never a half-down pool.
+    pub fn take_down(&self, force: bool) -> Result<TakeDownReport> {
+        // Exclusive: no activate or snapshot runs meanwhile, and none starts after.
+        let mut down = self.down.write();
+        let mut report = TakeDownReport::default();
+        if *down {
+            report.pool_down = true;
+            return Ok(report);
+        }
+        let active = self.backend.active_devices()?;
+        // First look, changing nothing: a mounted device refuses an exclusive open.
+        let mut busy: Vec<(ThinId, PathBuf)> = active
+            .iter()
+            .filter(|(_, node)| node_in_use(node))
+            .map(|(id, node)| (*id, node.clone()))
+            .collect();
+        if !busy.is_empty() && !force {
+            return Err(self.busy_error(&busy));
+        }
+        for (id, node) in &active {
+            if busy.iter().any(|(b, _)| b == id) {
+                continue;
+            }
+            let _guard = self.locks.lock(*id);
+            match self.backend.deactivate(*id) {
+                Ok(()) => report.deactivated.push(*id),
+                // Open without an exclusive claim (seen only now): busy after all.
+                Err(Error::FailedPrecondition(_)) if force => busy.push((*id, node.clone())),
+                Err(e) => {
+                    // Put back what we took down, so that a refusal changes nothing.
+                    for id in &report.deactivated {
+                        if let Ok(rec) = self.record(*id) {
+                            let ro = rec.kind != DeviceKind::Active;
+                            if let Err(e) = self.backend.activate(*id, rec.size, ro) {
+                                warn!(id = %id, error = %e, "could not re-activate after a refused take-down");
+                            }
+                        }
+                    }
+                    return Err(match e {
+                        Error::FailedPrecondition(_) => self.busy_error(&[(*id, node.clone())]),
+                        e => e,
+                    });
+                }
+            }
+        }
+        if busy.is_empty() {
+            self.backend.teardown()?;
+            report.pool_down = true;
+            *down = true;
+            info!(devices = report.deactivated.len(), "pool taken down");
+        } else {
+            warn!(
+                busy = busy.len(),
+                deactivated = report.deactivated.len(),
+                "take-down forced: devices in use stay active, and the pool under them"
+            );
+        }
+        report.busy = busy;
+        Ok(report)
+    }
+
+    /// `FailedPrecondition` naming the busy devices (at most 16, with their keys).
+    fn busy_error(&self, busy: &[(ThinId, PathBuf)]) -> Error {
+        let mut names: Vec<String> = busy
+            .iter()
+            .take(16)
+            .map(|(id, node)| {
+                let key = self.record(*id).ok().and_then(|r| r.name);
+                match key {
+                    Some(k) => format!("{:?} (thin {id}, {})", k.as_str(), node.display()),
+                    None => format!("thin {id} ({})", node.display()),
+                }
+            })
+            .collect();
+        if busy.len() > names.len() {
+            names.push(format!("and {} more", busy.len() - names.len()));
+        }
+        Error::FailedPrecondition(format!(
+            "devices in use (mounted or open): {}; unmount them, or take the pool down with force",
+            names.join(", ")
+        ))
+    }
+
+    /// Held shared by the calls that change the backend; refuses once the pool is down.
+    fn up(&self) -> Result<parking_lot::RwLockReadGuard<'_, bool>> {
+        // Recursive: snapshot may activate, and a waiting take-down must not deadlock it.
+        let g = self.down.read_recursive();
+        if *g {
+            return Err(Error::FailedPrecondition(
+                "the pool was taken down; start thinpoold again to bring it back".into(),
+            ));
+        }
+        Ok(g)
+    }
+}
+
+/// Whether a device node is in use: an exclusive open of a block device fails with EBUSY
+/// while it is mounted or exclusively claimed. Plain opens by other processes do not show
+/// here; the backend's deactivate refuses those.
+fn node_in_use(node: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(node)
+    {
+        Ok(_) => false,
+        Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
 }
 

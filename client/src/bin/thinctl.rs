@@ -76,6 +76,17 @@ enum PoolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Takes the pool down: deactivates every device, takes the pool down, detaches its
+    /// loop devices (reflink: unmounts its filesystem); thinpoold then exits. The next
+    /// thinpoold start brings everything back. Refused while a device is in use (mounted or
+    /// open), unless --force: then devices in use stay active, and the pool under them.
+    Down {
+        /// Go ahead although devices are in use (they stay active).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -616,6 +627,26 @@ async fn run(cli: Cli) -> Result<()> {
                     b(g.metadata_size_before),
                     b(g.metadata_size_after)
                 );
+            }
+        }
+        Cmd::Pool {
+            cmd: PoolCmd::Down { force, json },
+        } => {
+            let r = c.take_down(force).await?;
+            if json {
+                print_json(&json!({
+                    "pool_down": r.pool_down, "deactivated": r.deactivated, "busy": r.busy,
+                }))?;
+            } else {
+                println!("deactivated: {} devices", r.deactivated.len());
+                if r.pool_down {
+                    println!("pool down; thinpoold exits (start it again to bring the pool back)");
+                } else {
+                    println!(
+                        "in use, left active (with the pool under them): thin ids {:?}; thinpoold exits",
+                        r.busy
+                    );
+                }
             }
         }
         Cmd::Device {
