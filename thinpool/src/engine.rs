@@ -154,9 +154,9 @@ impl Pool {
         let lock = lock_root(&paths)?;
 
         if paths.store_file.exists() {
-            let store = Store::open(&paths.store_file)?;
-            if store.read(|r| r.state())? == PoolState::Ready {
-                let settings = store.read(|r| r.settings())?;
+            let store = Store::open(&paths.store_file).map_err(store_damaged)?;
+            if store.read(|r| r.state()).map_err(store_damaged)? == PoolState::Ready {
+                let settings = store.read(|r| r.settings()).map_err(store_damaged)?;
                 check_spec(spec, &settings)?;
                 // Before anything is assembled: a damaged store is refused with nothing set up.
                 store.check_or_fail()?;
@@ -1518,6 +1518,17 @@ fn lock_root(paths: &PoolPaths) -> Result<File> {
     Ok(f)
 }
 
+/// A store error while opening the pool, with what to do about it.
+fn store_damaged(e: Error) -> Error {
+    match e {
+        Error::Store(m) => Error::Inconsistent(format!(
+            "the metadata store failed ({m}); {}",
+            crate::store::REPAIR_HINT
+        )),
+        e => e,
+    }
+}
+
 /// Makes the entries of files created in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -1558,7 +1569,7 @@ fn discard_device(dev: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
+pub(crate) fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
     let backend = spec.backend.unwrap_or_else(|| backend::detect().0);
     let fs = spec.fs.unwrap_or(FsType::Ext4);
     let s = PoolSettings {
@@ -1819,6 +1830,27 @@ mod tests {
         );
         let after = plan_grow(&s, long, &grow(Some("+256M"), None), true).unwrap();
         assert_eq!(after.data, Bytes::gib(1), "relative to the file's length");
+    }
+
+    /// Forgetting a device's lock while it is held must not let a newcomer take a second,
+    /// fresh lock for the same id.
+    #[test]
+    fn forget_keeps_a_lock_in_use() {
+        let locks = DeviceLocks::default();
+        let id = ThinId::new(7).unwrap();
+        let held = locks.lock(id);
+        locks.forget(id);
+        let same = locks.map.lock().unwrap().get(&id).cloned();
+        assert!(
+            same.is_some_and(|l| l.is_locked()),
+            "the held lock was forgotten"
+        );
+        drop(held);
+        locks.forget(id);
+        assert!(
+            locks.map.lock().unwrap().is_empty(),
+            "an unused lock is dropped"
+        );
     }
 
     #[test]

@@ -78,8 +78,13 @@ pub struct Store {
 
 /// Runs `f`, turning a panic (redb on a damaged page) into [`Error::Inconsistent`] naming
 /// the store file.
+/// Store errors name the file.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    let named = |e| match e {
+        Error::Store(m) => Error::Store(format!("{}: {m}", path.display())),
+        e => e,
+    };
+    catch_unwind(AssertUnwindSafe(|| f().map_err(named))).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -184,7 +189,10 @@ impl Store {
 
     /// [`Store::check`] as an error naming the store file and the repair path.
     pub fn check_or_fail(&self) -> Result<()> {
-        let problems = self.check()?;
+        let problems = self.check().map_err(|e| match e {
+            Error::Store(m) => Error::Inconsistent(format!("{m}; {REPAIR_HINT}")),
+            e => e,
+        })?;
         if problems.is_empty() {
             return Ok(());
         }
@@ -550,4 +558,145 @@ fn unindex(
         children.remove((parent.get(), rec.id.get()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{BackendKind, PoolSpec};
+    use crate::units::Bytes;
+
+    fn settings() -> PoolSettings {
+        crate::engine::settings_from_spec(&PoolSpec {
+            root: "/nonexistent".into(),
+            backend: Some(BackendKind::Reflink),
+            data_size: Some(Bytes::gib(1)),
+            metadata_size: Some(Bytes::mib(64)),
+            ..PoolSpec::default()
+        })
+        .unwrap()
+    }
+
+    fn record(id: u32, name: Option<&str>, parent: Option<u32>, kind: DeviceKind) -> DeviceRecord {
+        DeviceRecord {
+            id: ThinId::new(id).unwrap(),
+            name: name.map(|n| DeviceName::new(n).unwrap()),
+            kind,
+            parent: parent.map(|p| ThinId::new(p).unwrap()),
+            size: Bytes::mib(16),
+            state: DeviceState::Ready,
+            active: false,
+            labels: BTreeMap::new(),
+            created_ns: 0,
+            updated_ns: 0,
+        }
+    }
+
+    /// A ready store with the base (id 0) and one layer `a` (id 1).
+    fn ready_store(dir: &Path) -> Store {
+        let store = Store::create(&dir.join("pool.redb"), &settings()).unwrap();
+        store
+            .write(|w| {
+                w.put_device(&record(0, None, None, DeviceKind::Base))?;
+                w.put_device(&record(1, Some("a"), Some(0), DeviceKind::Committed))?;
+                w.set_base(&BaseDevice {
+                    id: ThinId::new(0).unwrap(),
+                    fs_uuid: "00".into(),
+                })?;
+                w.set_state(PoolState::Ready)
+            })
+            .unwrap();
+        store
+    }
+
+    /// A crash between creating the database file and its first commit leaves a file with
+    /// no tables: it opens, as a pool whose creation never finished.
+    #[test]
+    fn store_without_tables_reads_as_initializing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.redb");
+        drop(Database::create(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.read(|r| r.state()).unwrap(), PoolState::Initializing);
+        assert_eq!(store.read(|r| r.settings_if_any()).unwrap(), None);
+    }
+
+    #[test]
+    fn check_passes_a_consistent_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ready_store(dir.path());
+        assert_eq!(store.check().unwrap(), Vec::<String>::new());
+        store.check_or_fail().unwrap();
+    }
+
+    /// Two records with one name (the probe's D10: a record edited behind our back), a
+    /// dangling parent and a base without its record are all reported, and open's error
+    /// names the store file and the repair path.
+    #[test]
+    fn check_finds_duplicate_names_dangling_parents_and_a_missing_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ready_store(dir.path());
+        store
+            .write(|w| {
+                // Behind the indexes' back, as a hand edit of the file would be.
+                let dup = serde_json::to_vec(&record(2, Some("a"), Some(0), DeviceKind::Active))?;
+                w.txn.open_table(DEVICES)?.insert(2, dup.as_slice())?;
+                w.put_device(&record(3, Some("orphan"), Some(77), DeviceKind::Active))?;
+                w.remove_device(ThinId::new(0).unwrap())
+            })
+            .unwrap();
+        let problems = store.check().unwrap();
+        let all = problems.join("\n");
+        assert!(all.contains("both named \"a\""), "{all}");
+        assert!(all.contains("parent 77"), "{all}");
+        assert!(all.contains("base device 0 has no record"), "{all}");
+        let e = store.check_or_fail().unwrap_err().to_string();
+        assert!(
+            e.contains("pool.redb") && e.contains("docs/recovery.md"),
+            "{e}"
+        );
+    }
+
+    /// A record being deleted may outlive its parent (a chain removed deferred, in any
+    /// order): not a problem.
+    #[test]
+    fn check_allows_a_deleting_child_of_a_removed_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ready_store(dir.path());
+        store
+            .write(|w| {
+                let mut child = record(2, None, Some(1), DeviceKind::Active);
+                child.state = DeviceState::Deleting;
+                w.put_device(&child)?;
+                w.remove_device(ThinId::new(1).unwrap())
+            })
+            .unwrap();
+        assert_eq!(store.check().unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn quarantine_is_durable_and_dropped_with_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ready_store(dir.path());
+        let id = ThinId::new(1).unwrap();
+        store
+            .write(|w| w.quarantine(id, "activate: boom", 5))
+            .unwrap();
+        store
+            .write(|w| w.quarantine(id, "activate: again", 9))
+            .unwrap();
+        let path = store.path().to_path_buf();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let q = store.read(|r| r.quarantined()).unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(
+            (q[0].reason.as_str(), q[0].since_ns),
+            ("activate: again", 5)
+        );
+        store.write(|w| w.remove_device(id)).unwrap();
+        assert!(store.read(|r| r.quarantined()).unwrap().is_empty());
+    }
 }
