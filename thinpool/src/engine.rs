@@ -13,7 +13,7 @@
 //! durably, skipped, reported by status, metrics and audit) rather than failing the open:
 //! one bad device must not take every container's storage down. [`Pool::reclaim`] retries
 //! quarantined devices; a successful retry, a later open that reconciles the device, or
-//! its removal takes it out of quarantine.
+//! its removal (recorded, even deferred) takes it out of quarantine.
 //!
 //! Concurrency: the store admits one writer at a time, but its transactions are short and
 //! hold no kernel call. Kernel calls hold only the lock of the device they touch (a snapshot
@@ -972,8 +972,14 @@ impl Pool {
             rec.active = false;
             rec.updated_ns = now_ns();
             w.put_device(&rec)?;
+            // The removal supersedes whatever recovery the device was waiting for.
+            w.unquarantine(rec.id)?;
             Ok(rec.id)
         })?;
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         failpoint::hit("remove:after_intent");
         if opts.deferred {
             return Ok(());
