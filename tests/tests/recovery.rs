@@ -341,8 +341,9 @@ fn duplicate_names_in_the_store_are_refused_at_open() {
     }
 }
 
-/// Damaged store pages make redb panic or fail (probe D9): open returns an error naming the
-/// store file, never a panic.
+/// Damaged store pages make redb panic (a damaged page header: `unreachable!`/"invalid page
+/// type") or fail (probe D9): open returns an error naming the store file and the repair
+/// path, never a panic, and assembles nothing.
 #[test]
 fn damaged_store_pages_are_an_error_naming_the_store() {
     let mut tp = TestPool::small("store-pages");
@@ -355,10 +356,20 @@ fn damaged_store_pages_are_an_error_naming_the_store() {
     tp.close(true);
     let file = tp.root.join("pool.redb");
     let good = std::fs::read(&file).unwrap();
-    // The probe's two damages: 64 bytes inside the first pages, and page headers.
+    // Damage where the records are: the page holding record "b" (its header, then the bytes
+    // before the record: the leaf's key and offset tables), as the probe did at fixed offsets.
+    let rec = br#""name":"b""#;
+    let at = (0..good.len() - rec.len())
+        .find(|&i| &good[i..i + rec.len()] == rec)
+        .expect("record b in the store file");
+    let page = at & !4095;
     for (what, ranges) in [
-        ("flip64", vec![4160..4224]),
-        ("page headers", vec![49152..49168, 69632..69648]),
+        ("page header", vec![page..page + 16]),
+        (
+            "leaf tables",
+            vec![page + 16..at.saturating_sub(64).max(page + 32)],
+        ),
+        ("record bytes", vec![at - 8..at + 8]),
     ] {
         let mut bytes = good.clone();
         for r in ranges {
@@ -370,11 +381,15 @@ fn damaged_store_pages_are_an_error_naming_the_store() {
         let opened = std::panic::catch_unwind(|| Pool::open(&spec).map(|p| p.close(true)));
         match opened {
             Err(_) => panic!("{what}: open panicked"),
-            // Damage in unused space may go unnoticed; that is fine.
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => panic!("{what}: the damaged store opened"),
             Ok(Err(e)) => {
                 let e = e.to_string();
-                assert!(e.contains("pool.redb"), "{what}: {e}");
+                eprintln!("{what}: {e}");
+                assert!(
+                    e.contains("metadata store") && e.contains("pool.redb"),
+                    "{what}: {e}"
+                );
+                assert!(e.contains("docs/recovery.md"), "{what}: {e}");
                 if backend() == BackendKind::Reflink {
                     assert!(
                         !is_mounted(&tp.root.join("mnt")),

@@ -190,7 +190,9 @@ impl Store {
     /// [`Store::check`] as an error naming the store file and the repair path.
     pub fn check_or_fail(&self) -> Result<()> {
         let problems = self.check().map_err(|e| match e {
-            Error::Store(m) => Error::Inconsistent(format!("{m}; {REPAIR_HINT}")),
+            Error::Store(m) => Error::Inconsistent(format!(
+                "the metadata store cannot be read: {m}; {REPAIR_HINT}"
+            )),
             e => e,
         })?;
         if problems.is_empty() {
