@@ -684,7 +684,9 @@ impl Pool {
         let base = self.base()?;
         let now = now_ns();
         // From the intent to the outcome: an audit sees this id on both sides or neither.
-        let _cut = self.audit_gate.read_recursive();
+        // Not recursive: a waiting audit goes first, so a stream of creates cannot starve it
+        // (the rollback's finish_delete nests recursively under this).
+        let _cut = self.audit_gate.read();
         // 1. Intent: the record, in Creating.
         let rec = self.store.write(|w| {
             if w.device_by_name(&req.name)?.is_some() {
