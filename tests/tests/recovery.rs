@@ -57,10 +57,16 @@ fn records_of(root: &Path) -> Vec<DeviceRecord> {
 /// The device node of thin id `id`, active in the kernel, while no pool is open.
 fn live_node(root: &Path, id: ThinId) -> PathBuf {
     match backend() {
-        BackendKind::Dm => PathBuf::from(format!(
-            "/dev/mapper/thinpool-{}-thin-{id}",
-            settings_of(root).tag
-        )),
+        // No udev in the VM: the node is /dev/dm-<minor>, as the backend names it.
+        BackendKind::Dm => {
+            let name = format!("thinpool-{}-thin-{id}", settings_of(root).tag);
+            let name = devicemapper::DmNameBuf::new(name).unwrap();
+            let info = devicemapper::DM::new()
+                .unwrap()
+                .device_info(&devicemapper::DevId::Name(&name))
+                .expect("the device is active");
+            PathBuf::from(format!("/dev/dm-{}", info.device().minor))
+        }
         BackendKind::Reflink => {
             let file = std::fs::canonicalize(root.join("mnt/devices").join(id.to_string()))
                 .expect("device file");
