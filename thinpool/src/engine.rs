@@ -532,15 +532,16 @@ impl Pool {
         match self.store.read(|r| r.device(id))? {
             // No record: a live device no record wants (its deactivate failed), or a record
             // removed meanwhile.
-            None => match {
-                let _guard = self.locks.lock(id);
-                self.backend.deactivate(id)
-            } {
-                Ok(()) => {
-                    self.unquarantine(id)?;
+            None => {
+                let deactivated = {
+                    let _guard = self.locks.lock(id);
+                    self.backend.deactivate(id)
+                };
+                match deactivated {
+                    Ok(()) => self.unquarantine(id)?,
+                    Err(e) => self.quarantine(id, "deactivate", &e)?,
                 }
-                Err(e) => self.quarantine(id, "deactivate", &e)?,
-            },
+            }
             Some(rec) if rec.state != DeviceState::Ready => self.settle(&rec)?,
             Some(rec) if rec.active => {
                 let _guard = self.locks.lock(id);

@@ -258,14 +258,14 @@ impl ReadView {
             self.devices()?.into_iter().map(|r| (r.id, r)).collect();
         let mut named: BTreeMap<&str, ThinId> = BTreeMap::new();
         for rec in records.values() {
-            if let Some(name) = &rec.name {
-                if let Some(first) = named.insert(name.as_str(), rec.id) {
-                    note(format!(
-                        "thin ids {first} and {} are both named {:?}",
-                        rec.id,
-                        name.as_str()
-                    ));
-                }
+            if let Some(name) = &rec.name
+                && let Some(first) = named.insert(name.as_str(), rec.id)
+            {
+                note(format!(
+                    "thin ids {first} and {} are both named {:?}",
+                    rec.id,
+                    name.as_str()
+                ));
             }
             if let Some(parent) = rec.parent
                 && !records.contains_key(&parent)
