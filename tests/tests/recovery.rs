@@ -507,43 +507,6 @@ fn open_reads_the_uuid_of_a_live_base() {
     tp.assert_audit_clean();
 }
 
-/// thinpoold itself: a quarantined device is reported by `thinctl pool status`, `thinctl
-/// pool audit` and `/metrics`, and the daemon serves.
-#[test]
-fn daemon_reports_quarantined_devices() {
-    let root = pool_dir("daemon-quarantine", false);
-    let socket = root.join("thinpool.sock");
-    let port = thinpool_tests::http::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let extra = ["--metrics-addr", addr.as_str()];
-    let mut d = thinpool_tests::grpc::Daemon::start(&root, &socket, &extra);
-    d.stop();
-    drop(d); // tears the pool down, as a reboot would
-    add_record(&root, &ghost(4242, "bad"));
-    let mut d = thinpool_tests::grpc::Daemon::start(&root, &socket, &extra);
-    let (ok, out, err) = d.thinctl(&["pool", "status"]);
-    assert!(ok, "{err}");
-    assert!(
-        out.contains("Quarantined Devices:") && out.contains("4242"),
-        "{out}"
-    );
-    let (ok, out, _) = d.thinctl(&["pool", "audit"]);
-    assert!(!ok, "the audit is not clean while a device is quarantined");
-    assert!(out.contains("quarantined: [4242]"), "{out}");
-    let metrics = thinpool_tests::http::get(&addr, "/metrics").unwrap();
-    assert!(
-        metrics.contains("thinpool_quarantined_devices 1"),
-        "{metrics}"
-    );
-    let (ok, _, err) = d.thinctl(&["snapshot", "rm", "bad"]);
-    assert!(ok, "{err}");
-    let (ok, out, err) = d.thinctl(&["pool", "audit"]);
-    assert!(ok, "{out}{err}");
-    d.stop();
-    drop(d);
-    let _ = std::fs::remove_dir_all(&root);
-}
-
 /// Acceptance (issue 10), dm: a crash inside `thin_ls`, between reserving the metadata
 /// snapshot and releasing it, leaves the snapshot held in the pool's metadata; the next
 /// start releases it, and the audit works and is clean (review #4).
