@@ -87,6 +87,15 @@ fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// Detaches scratch mounts under its path when dropped.
+struct ClearScratch(PathBuf);
+
+impl Drop for ClearScratch {
+    fn drop(&mut self) {
+        thinpool::fsutil::clear_scratch(&self.0);
+    }
+}
+
 fn xfs_spec(root: &Path) -> PoolSpec {
     let mut spec = small_spec(root);
     spec.fs = Some(FsType::Xfs);
@@ -135,6 +144,8 @@ fn crash_during_xfs_grow_then_open_serves() {
     let root = pool_dir(TEST, false);
     let spec = xfs_spec(&root);
     let mut tp = TestPool::open(&spec);
+    // Dropped before tp: a failed test leaves no scratch mount holding a device.
+    let _scratch = ClearScratch(root.join("resize"));
     tp.close(false);
     assert_aborted(child(TEST, &root, "grow:after_mount"), "grow:after_mount");
     let creating: Vec<ThinId> = records_of(&root)
