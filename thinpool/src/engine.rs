@@ -504,8 +504,13 @@ impl Pool {
 
     /// Puts `id` in quarantine after `what` failed with `e`: durably, and logged.
     fn quarantine(&self, id: ThinId, what: &str, e: &Error) -> Result<()> {
-        warn!(id = %id, error = %e,
-            "quarantining device: {what} failed; the pool serves the rest, reclaim retries it");
+        // Warned once; reclaim's retries of a device still failing only log at debug.
+        if self.is_quarantined(id) {
+            debug!(id = %id, error = %e, "still quarantined: {what} failed again");
+        } else {
+            warn!(id = %id, error = %e,
+                "quarantining device: {what} failed; the pool serves the rest, reclaim retries it");
+        }
         let reason = format!("{what}: {e}");
         self.store.write(|w| w.quarantine(id, &reason, now_ns()))?;
         self.quarantined
