@@ -589,6 +589,7 @@ fn daemon_reports_quarantined_devices() {
     let extra = ["--metrics-addr", addr.as_str()];
     let mut d = Daemon::start(&root, &socket, &extra);
     d.stop();
+    let mut logs = vec![d.log.clone()];
     drop(d); // tears the pool down, as a reboot would
     {
         // A record of an active device the backend lacks (no file, no thin id).
@@ -627,6 +628,10 @@ fn daemon_reports_quarantined_devices() {
     let (ok, out, err) = d.thinctl(&["pool", "audit"]);
     assert!(ok, "{out}{err}");
     d.stop();
+    logs.push(d.log.clone());
     drop(d);
     let _ = std::fs::remove_dir_all(&root);
+    for log in logs {
+        let _ = std::fs::remove_file(log);
+    }
 }
