@@ -249,6 +249,12 @@ impl Exporter {
         );
         gauge(
             &mut reg,
+            "thinpool_quarantined_devices",
+            "Devices open could not reconcile or activate, skipped until a retry succeeds",
+            st.quarantined.len() as u64,
+        );
+        gauge(
+            &mut reg,
             "thinpool_transaction_id",
             "The pool's metadata transaction id",
             k.transaction_id,

@@ -636,6 +636,26 @@ fn pb_device_state(s: DeviceState) -> admin::DeviceState {
     }
 }
 
+/// Quarantined devices for PoolStatus, named from their records where they have one.
+fn quarantined_pb(
+    q: &[thinpool::QuarantinedDevice],
+    records: &[DeviceRecord],
+) -> Vec<admin::QuarantinedDevice> {
+    q.iter()
+        .map(|d| admin::QuarantinedDevice {
+            id: d.id.get(),
+            name: records
+                .iter()
+                .find(|r| r.id == d.id)
+                .and_then(|r| r.name.as_ref())
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            reason: d.reason.clone(),
+            since: Some(timestamp(d.since_ns)),
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Admin for Service {
     async fn pool_status(
@@ -649,10 +669,8 @@ impl Admin for Service {
             let settings = pool.engine().settings();
             let root = pool.engine().paths().root.clone();
             let (free, total) = host_fs_space(&root)?;
-            let deferred = pool
-                .devices()
-                .await
-                .map_err(status)?
+            let devices = pool.devices().await.map_err(status)?;
+            let deferred = devices
                 .iter()
                 .filter(|r| r.state == DeviceState::Deleting)
                 .count();
@@ -695,6 +713,7 @@ impl Admin for Service {
                 autoextend_metadata_percent: settings.autoextend_metadata.percent.0,
                 autoextend_metadata_max_bytes: settings.autoextend_metadata.max.map_or(0, |b| b.0),
                 metadata_can_grow: st.backend == thinpool::BackendKind::Dm,
+                quarantined: quarantined_pb(&st.quarantined, &devices),
             }))
         }
         .await;
@@ -804,6 +823,9 @@ impl Admin for Service {
                 leaked: a.leaked.iter().map(|i| i.get()).collect(),
                 missing: a.missing.iter().map(|i| i.get()).collect(),
                 unfinished: a.unfinished.iter().map(|i| i.get()).collect(),
+                pending: a.pending.iter().map(|i| i.get()).collect(),
+                quarantined: a.quarantined.iter().map(|i| i.get()).collect(),
+                store_problems: a.store_problems.clone(),
             })
         });
         traced("Audit", "", t, res)

@@ -577,3 +577,61 @@ fn daemon_autoextend_flags() {
     drop(bad);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A device thinpoold cannot activate at start is quarantined (docs/recovery.md): the daemon
+/// serves, and reports it in `thinctl pool status`, `thinctl pool audit` and `/metrics`.
+#[test]
+fn daemon_reports_quarantined_devices() {
+    let root = pool_dir("daemon-quarantine", false);
+    let socket = root.join("thinpool.sock");
+    let port = thinpool_tests::http::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let extra = ["--metrics-addr", addr.as_str()];
+    let mut d = Daemon::start(&root, &socket, &extra);
+    d.stop();
+    let mut logs = vec![d.log.clone()];
+    drop(d); // tears the pool down, as a reboot would
+    {
+        // A record of an active device the backend lacks (no file, no thin id).
+        let store = thinpool::store::Store::open(&root.join("pool.redb")).unwrap();
+        let ghost = thinpool::DeviceRecord {
+            id: thinpool::ThinId::new(4242).unwrap(),
+            name: Some(thinpool::DeviceName::new("bad").unwrap()),
+            kind: thinpool::DeviceKind::Active,
+            parent: None,
+            size: thinpool::Bytes::mib(256),
+            state: thinpool::DeviceState::Ready,
+            active: true,
+            labels: Default::default(),
+            created_ns: 0,
+            updated_ns: 0,
+        };
+        store.write(|w| w.put_device(&ghost)).unwrap();
+    }
+    let mut d = Daemon::start(&root, &socket, &extra);
+    let (ok, out, err) = d.thinctl(&["pool", "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Quarantined Devices:") && out.contains("4242"),
+        "{out}"
+    );
+    let (ok, out, _) = d.thinctl(&["pool", "audit"]);
+    assert!(!ok, "the audit is not clean while a device is quarantined");
+    assert!(out.contains("quarantined: [4242]"), "{out}");
+    let metrics = thinpool_tests::http::get(&addr, "/metrics").unwrap();
+    assert!(
+        metrics.contains("thinpool_quarantined_devices 1"),
+        "{metrics}"
+    );
+    let (ok, _, err) = d.thinctl(&["snapshot", "rm", "bad"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = d.thinctl(&["pool", "audit"]);
+    assert!(ok, "{out}{err}");
+    d.stop();
+    logs.push(d.log.clone());
+    drop(d);
+    let _ = std::fs::remove_dir_all(&root);
+    for log in logs {
+        let _ = std::fs::remove_file(log);
+    }
+}

@@ -20,9 +20,19 @@ pub struct AsyncPool {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Inconsistent(format!("engine task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        // The store turns redb's panics into errors; anything else is a bug of ours, and
+        // says so with its message rather than as a failed task.
+        let why = match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into()),
+            Err(e) => e.to_string(),
+        };
+        Error::Inconsistent(format!("internal error in the engine (a bug): {why}"))
+    })?
 }
 
 impl AsyncPool {

@@ -9,6 +9,12 @@
 //! reconciles it: half-done creates are rolled back, half-done deletes are finished, and the
 //! devices that should be active are activated again.
 //!
+//! A device that cannot be reconciled or activated at open is *quarantined* (recorded
+//! durably, skipped, reported by status, metrics and audit) rather than failing the open:
+//! one bad device must not take every container's storage down. [`Pool::reclaim`] retries
+//! quarantined devices; a successful retry, a later open that reconciles the device, or
+//! its removal (recorded, even deferred) takes it out of quarantine.
+//!
 //! Concurrency: the store admits one writer at a time, but its transactions are short and
 //! hold no kernel call. Kernel calls hold only the lock of the device they touch (a snapshot
 //! also holds its origin's), so operations on different devices run in parallel. Grows
@@ -19,7 +25,7 @@
 //! [`crate::run_autoextend`] calls on kernel events and periodically, grows the pool by its
 //! autoextend policy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -38,7 +44,7 @@ use crate::loopback;
 use crate::model::{
     AuditReport, AutoextendPolicy, BackendKind, BackendStatus, DeviceKind, DeviceRecord,
     DeviceState, FsType, GrowOutcome, GrowRequest, MountSpec, PoolCounters, PoolMode, PoolSettings,
-    PoolSize, PoolSpec, PoolStatus, SizeChange,
+    PoolSize, PoolSpec, PoolStatus, QuarantinedDevice, SizeChange,
 };
 use crate::store::{BaseDevice, PoolState, Store};
 use crate::timing::{HistogramSnapshot, OpTimings, Operation};
@@ -91,6 +97,12 @@ pub struct Pool {
     /// none runs during a take-down or after: on reflink, the pool's directory is then an
     /// empty mount point, where a delete of an absent file would "succeed".
     down: parking_lot::RwLock<bool>,
+    /// The ids in quarantine, as in the store (which is the durable copy).
+    quarantined: Mutex<BTreeSet<ThinId>>,
+    /// Makes the audit a consistent cut: operations that create or delete thin ids hold it
+    /// shared (recursively: a failed create rolls back under it) from their intent to their
+    /// outcome; the audit holds it exclusively while it reads both sides.
+    audit_gate: parking_lot::RwLock<()>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
 }
@@ -159,16 +171,22 @@ impl Pool {
         let lock = lock_root(&paths)?;
 
         if paths.store_file.exists() {
-            let store = Store::open(&paths.store_file)?;
-            let (state, settings) = store.read(|r| Ok((r.state()?, r.settings()?)))?;
-            if state == PoolState::Ready {
+            let store = Store::open(&paths.store_file).map_err(store_damaged)?;
+            if store.read(|r| r.state()).map_err(store_damaged)? == PoolState::Ready {
+                let settings = store.read(|r| r.settings()).map_err(store_damaged)?;
                 check_spec(spec, &settings)?;
+                // Before anything is assembled: a damaged store is refused with nothing set up.
+                store.check_or_fail()?;
                 return Self::reopen(paths, settings, store, lock, spec);
             }
-            // Creation never finished, so no client ever saw this pool: start again.
+            // Creation never finished, so no client ever saw this pool: start again. Without
+            // settings the store's first commit never happened, and nothing else was made.
             warn!(root = %paths.root.display(), "pool creation was interrupted; creating it again");
+            let settings = store.read(|r| r.settings_if_any())?;
             drop(store);
-            backend::scrub(&paths, &settings)?;
+            if let Some(settings) = &settings {
+                backend::scrub(&paths, settings)?;
+            }
             for f in [&paths.data_file, &paths.metadata_file, &paths.store_file] {
                 remove_if_exists(f)?;
             }
@@ -197,6 +215,8 @@ impl Pool {
             .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
         pool.backend.deactivate(base_id)?;
         let fs_uuid = formatted?;
+        // The new files' directory entries, before the store says the pool is ready.
+        sync_dir(&pool.paths.root)?;
         failpoint::hit("pool_create:after_mkfs");
         let now = now_ns();
         pool.store.write(|w| {
@@ -275,6 +295,7 @@ impl Pool {
         info!(root = %paths.root.display(), backend = %settings.backend, "opening pool");
         let backend = backend::open(&paths, &settings)?;
         let pool = Pool::new(paths, settings, store, backend, lock)?;
+        pool.clear_scratch_mounts();
         pool.finish_interrupted_grow()?;
         pool.check_transaction_id()?;
         pool.verify_base()?;
@@ -294,6 +315,11 @@ impl Pool {
                 "metadata autoextend is ignored: this backend's metadata cannot grow");
         }
         let events = backend.events()?;
+        let quarantined = store
+            .read(|r| r.quarantined())?
+            .into_iter()
+            .map(|q| q.id)
+            .collect();
         Ok(Pool {
             paths,
             settings: Mutex::new(settings),
@@ -306,8 +332,17 @@ impl Pool {
             space: Mutex::new(SpaceState::default()),
             events,
             down: parking_lot::RwLock::new(false),
+            quarantined: Mutex::new(quarantined),
+            audit_gate: parking_lot::RwLock::new(()),
             _lock: lock,
         })
+    }
+
+    /// Detaches and removes the scratch mounts of filesystem grows (`<root>/resize/<id>`)
+    /// that a crash left: they hold the half-made device busy, and reconcile must roll it
+    /// back.
+    fn clear_scratch_mounts(&self) {
+        fsutil::clear_scratch(&self.paths.root.join("resize"));
     }
 
     /// Finishes a grow that a crash interrupted. A grow extends the pool file first (the
@@ -385,10 +420,17 @@ impl Pool {
         let base = self.base()?;
         let settings = self.settings();
         let rec = self.record(base.id)?;
-        let dev = self.backend.activate(base.id, rec.size, true)?;
-        let uuid = fsutil::fs_uuid(settings.fs, &dev);
-        self.backend.deactivate(base.id)?;
-        let uuid = uuid?;
+        // Someone may hold the base active (mounted to look at it): read the live node
+        // rather than fail the open on a deactivate.
+        let uuid = match self.backend.active_devices()?.get(&base.id) {
+            Some(dev) => fsutil::fs_uuid(settings.fs, dev)?,
+            None => {
+                let dev = self.backend.activate(base.id, rec.size, true)?;
+                let uuid = fsutil::fs_uuid(settings.fs, &dev);
+                self.backend.deactivate(base.id)?;
+                uuid?
+            }
+        };
         if uuid != base.fs_uuid {
             return Err(Error::Inconsistent(format!(
                 "base device {} has filesystem UUID {uuid}, but we recorded {}",
@@ -399,28 +441,13 @@ impl Pool {
     }
 
     /// Rolls back half-done creates, finishes half-done deletes, and brings the set of
-    /// active devices in line with the records.
+    /// active devices in line with the records. A device for which a step fails is put in
+    /// quarantine and skipped; one whose step succeeds leaves quarantine. Fails only when
+    /// the store or the backend as a whole fails.
     fn reconcile(&self) -> Result<()> {
         let records = self.store.read(|r| r.devices())?;
-        for rec in &records {
-            match rec.state {
-                DeviceState::Creating => {
-                    warn!(id = %rec.id, name = ?rec.name, "rolling back an unfinished create");
-                    self.undo_create(rec.id)?;
-                }
-                DeviceState::Deleting => {
-                    info!(id = %rec.id, "finishing an unfinished delete");
-                    match self.finish_delete(rec.id, false) {
-                        Ok(()) => {}
-                        // Still mounted by someone: leave it recorded; reclaim retries later.
-                        Err(Error::FailedPrecondition(why)) => {
-                            warn!(id = %rec.id, %why, "cannot finish a delete yet")
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                DeviceState::Ready => {}
-            }
+        for rec in records.iter().filter(|r| r.state != DeviceState::Ready) {
+            self.settle(rec)?;
         }
         let wanted: BTreeMap<ThinId, DeviceRecord> = self
             .store
@@ -433,7 +460,7 @@ impl Pool {
         for id in live.keys().filter(|id| !wanted.contains_key(id)) {
             info!(id = %id, "deactivating a device no record wants active");
             match self.backend.deactivate(*id) {
-                Ok(()) => {}
+                Ok(()) => self.unquarantine(*id)?,
                 // In use: someone mounted it, so it is wanted after all. Record that, rather
                 // than fail the whole open while a container runs on it.
                 Err(Error::FailedPrecondition(why)) => {
@@ -448,17 +475,123 @@ impl Pool {
                         Ok(())
                     })?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => self.quarantine(*id, "deactivate", &e)?,
             }
         }
         for rec in wanted.values() {
-            self.backend
-                .activate(rec.id, rec.size, rec.kind != DeviceKind::Active)?;
+            match self
+                .backend
+                .activate(rec.id, rec.size, rec.kind != DeviceKind::Active)
+            {
+                Ok(_) => self.unquarantine(rec.id)?,
+                Err(e) => self.quarantine(rec.id, "activate", &e)?,
+            }
         }
         // Anything the kernel did that we never recorded is now undone or recorded; catch our
         // record up with the backend's counter.
         let txn = self.backend.status()?.transaction_id;
         self.store.write(|w| w.advance_transaction_id(txn))
+    }
+
+    /// Finishes one record left mid-operation: rolls back a create, finishes a delete. A
+    /// delete of a device still in use stays pending (reclaim retries it, as a deferred
+    /// removal); any other failure quarantines the device. Errors only if the store fails.
+    fn settle(&self, rec: &DeviceRecord) -> Result<()> {
+        match rec.state {
+            DeviceState::Creating => {
+                warn!(id = %rec.id, name = ?rec.name, "rolling back an unfinished create");
+                if let Err(e) = self.undo_create(rec.id) {
+                    self.quarantine(rec.id, "roll back an unfinished create", &e)?;
+                }
+            }
+            DeviceState::Deleting => {
+                info!(id = %rec.id, "finishing an unfinished delete");
+                match self.finish_delete(rec.id, false) {
+                    Ok(()) => {}
+                    // Still mounted by someone: a pending removal, not a fault.
+                    Err(Error::FailedPrecondition(why)) => {
+                        warn!(id = %rec.id, %why, "cannot finish a delete yet")
+                    }
+                    Err(e) => self.quarantine(rec.id, "finish a delete", &e)?,
+                }
+            }
+            DeviceState::Ready => {}
+        }
+        Ok(())
+    }
+
+    /// Puts `id` in quarantine after `what` failed with `e`: durably, and logged.
+    fn quarantine(&self, id: ThinId, what: &str, e: &Error) -> Result<()> {
+        // Warned once; reclaim's retries of a device still failing only log at debug.
+        if self.is_quarantined(id) {
+            debug!(id = %id, error = %e, "still quarantined: {what} failed again");
+        } else {
+            warn!(id = %id, error = %e,
+                "quarantining device: {what} failed; the pool serves the rest, reclaim retries it");
+        }
+        let reason = format!("{what}: {e}");
+        self.store.write(|w| w.quarantine(id, &reason, now_ns()))?;
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(())
+    }
+
+    /// Takes `id` out of quarantine if it is there (no store write otherwise).
+    fn unquarantine(&self, id: ThinId) -> Result<()> {
+        let mut q = self.quarantined.lock().unwrap_or_else(|p| p.into_inner());
+        if q.contains(&id) {
+            self.store.write(|w| w.unquarantine(id))?;
+            q.remove(&id);
+            info!(id = %id, "device recovered; out of quarantine");
+        }
+        Ok(())
+    }
+
+    /// Retries the recovery step of a quarantined device: the step reconcile would take.
+    /// Returns whether it left quarantine.
+    fn retry_quarantined(&self, id: ThinId) -> Result<bool> {
+        match self.store.read(|r| r.device(id))? {
+            // No record: a live device no record wants (its deactivate failed), or a record
+            // removed meanwhile.
+            None => {
+                let deactivated = {
+                    let _guard = self.locks.lock(id);
+                    self.backend.deactivate(id)
+                };
+                match deactivated {
+                    Ok(()) => self.unquarantine(id)?,
+                    Err(e) => self.quarantine(id, "deactivate", &e)?,
+                }
+            }
+            Some(rec) if rec.state != DeviceState::Ready => self.settle(&rec)?,
+            Some(rec) if rec.active => {
+                let _guard = self.locks.lock(id);
+                match self
+                    .backend
+                    .activate(id, rec.size, rec.kind != DeviceKind::Active)
+                {
+                    Ok(_) => self.unquarantine(id)?,
+                    Err(e) => self.quarantine(id, "activate", &e)?,
+                }
+            }
+            // Ready and not wanted active: nothing to recover any more.
+            Some(_) => self.unquarantine(id)?,
+        }
+        Ok(!self.is_quarantined(id))
+    }
+
+    fn is_quarantined(&self, id: ThinId) -> bool {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// The devices in quarantine, from the store.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedDevice>> {
+        self.store.read(|r| r.quarantined())
     }
 
     /// Removes a device whose create did not finish, from the backend and from our records:
@@ -469,21 +602,30 @@ impl Pool {
 
     /// Completes a recorded delete: deactivate, optionally discard, delete, forget.
     fn finish_delete(&self, id: ThinId, discard: bool) -> Result<()> {
-        let _guard = self.locks.lock(id);
-        if discard && let Some(rec) = self.store.read(|r| r.device(id))? {
-            let dev = self.backend.activate(id, rec.size, false)?;
-            if let Err(e) = discard_device(&dev) {
-                warn!(id = %id, error = %e, "discard failed; deleting anyway");
+        let _cut = self.audit_gate.read_recursive();
+        {
+            let _guard = self.locks.lock(id);
+            if discard && let Some(rec) = self.store.read(|r| r.device(id))? {
+                let dev = self.backend.activate(id, rec.size, false)?;
+                if let Err(e) = discard_device(&dev) {
+                    warn!(id = %id, error = %e, "discard failed; deleting anyway");
+                }
             }
+            self.backend.deactivate(id)?;
+            failpoint::hit("remove:after_deactivate");
+            let txn = self.backend.delete(id)?;
+            failpoint::hit("remove:after_kernel");
+            // Also drops a quarantine entry.
+            self.store.write(|w| {
+                w.remove_device(id)?;
+                w.advance_transaction_id(txn)
+            })?;
+            self.quarantined
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
         }
-        self.backend.deactivate(id)?;
-        failpoint::hit("remove:after_deactivate");
-        let txn = self.backend.delete(id)?;
-        failpoint::hit("remove:after_kernel");
-        self.store.write(|w| {
-            w.remove_device(id)?;
-            w.advance_transaction_id(txn)
-        })?;
+        // After the guard is dropped: forget keeps a lock someone still holds or waits for.
         self.locks.forget(id);
         Ok(())
     }
@@ -566,6 +708,10 @@ impl Pool {
         self.check_free_space()?;
         let base = self.base()?;
         let now = now_ns();
+        // From the intent to the outcome: an audit sees this id on both sides or neither.
+        // Not recursive: a waiting audit goes first, so a stream of creates cannot starve it
+        // (the rollback's finish_delete nests recursively under this).
+        let _cut = self.audit_gate.read();
         // 1. Intent: the record, in Creating.
         let rec = self.store.write(|w| {
             if w.device_by_name(&req.name)?.is_some() {
@@ -642,23 +788,46 @@ impl Pool {
         let txn = match made {
             Ok(txn) => txn,
             Err(e) => {
-                if let Err(undo) = self.undo_create(rec.id) {
-                    warn!(id = %rec.id, error = %undo,
-                        "could not roll back a failed create; the next open will");
-                }
+                self.roll_back_create(rec.id);
                 return Err(e);
             }
         };
 
-        // 3. The outcome.
+        // 3. The outcome. If it cannot be recorded, roll back as for a failed kernel step:
+        // a record left in Creating would hold the key (and the parent) until a restart.
         let mut done = rec;
         done.state = DeviceState::Ready;
         done.active = req.activate;
-        self.store.write(|w| {
-            w.put_device(&done)?;
-            w.advance_transaction_id(txn)
-        })?;
+        let point = if req.parent.is_none() {
+            "create:outcome_write"
+        } else {
+            "snapshot:outcome_write"
+        };
+        let recorded = if failpoint::fail_once(point) {
+            Err(Error::Store("failpoint: outcome write".into()))
+        } else {
+            self.store.write(|w| {
+                w.put_device(&done)?;
+                w.advance_transaction_id(txn)
+            })
+        };
+        if let Err(e) = recorded {
+            self.roll_back_create(done.id);
+            return Err(e);
+        }
         Ok(done)
+    }
+
+    /// Rolls back a create that failed before its outcome was recorded. If that fails too
+    /// (the device is busy, the store is failing), the device is quarantined: reclaim
+    /// retries the rollback, so the key does not stay taken until a restart.
+    fn roll_back_create(&self, id: ThinId) {
+        if let Err(undo) = self.undo_create(id) {
+            warn!(id = %id, error = %undo, "could not roll back a failed create; reclaim retries");
+            if let Err(e) = self.quarantine(id, "roll back a failed create", &undo) {
+                warn!(id = %id, error = %e, "could not quarantine it either; the next open rolls it back");
+            }
+        }
     }
 
     fn grow_filesystem(&self, id: ThinId, size: Bytes) -> Result<()> {
@@ -834,8 +1003,14 @@ impl Pool {
             rec.active = false;
             rec.updated_ns = now_ns();
             w.put_device(&rec)?;
+            // The removal supersedes whatever recovery the device was waiting for.
+            w.unquarantine(rec.id)?;
             Ok(rec.id)
         })?;
+        self.quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         failpoint::hit("remove:after_intent");
         if opts.deferred {
             return Ok(());
@@ -855,7 +1030,8 @@ impl Pool {
 
     /// Finishes every recorded delete (those left by deferred removes or failures) and
     /// returns how many devices were freed. A device still in use is skipped (and retried by
-    /// the next reclaim); any other failure is returned after the rest were tried.
+    /// the next reclaim); any other failure is returned after the rest were tried. Also
+    /// retries every quarantined device's recovery step (see [`QuarantinedDevice`]).
     pub fn reclaim(&self) -> Result<usize> {
         let _up = self.up()?;
         let pending: Vec<ThinId> = self
@@ -867,6 +1043,23 @@ impl Pool {
             .collect();
         let mut freed = 0;
         let mut first_err = None;
+        let quarantined: Vec<ThinId> = self
+            .quarantined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .filter(|id| !pending.contains(id))
+            .collect();
+        for id in quarantined {
+            match self.retry_quarantined(id) {
+                Ok(true) => {}
+                Ok(false) => debug!(id = %id, "still quarantined"),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
         for id in pending {
             match self.finish_delete(id, false) {
                 Ok(()) => freed += 1,
@@ -909,7 +1102,9 @@ impl Pool {
         let settings = self.settings();
         let kernel = self.backend.status()?;
         self.observe(&kernel);
-        let devices = self.store.read(|r| r.device_count())? as usize;
+        let (devices, quarantined) = self
+            .store
+            .read(|r| Ok((r.device_count()? as usize, r.quarantined()?)))?;
         Ok(PoolStatus {
             backend: settings.backend,
             kernel,
@@ -919,19 +1114,29 @@ impl Pool {
             devices,
             data_file: self.paths.data_file.clone(),
             metadata_file: self.paths.metadata_file.clone(),
+            quarantined,
         })
     }
 
     /// The `min_free_space` guard: fails with `ResourceExhausted`, saying how to grow the
     /// pool, while free data space (or free metadata space, where it can run out) is below
     /// the setting. Docker checks the same before every create.
+    /// A failed pool (whose status reads as zero space) is refused here with
+    /// `FailedPrecondition`, not left to fail at the kernel.
     fn check_free_space(&self) -> Result<()> {
         let min = self.settings().min_free_space;
+        let st = self.backend.status()?;
+        self.observe(&st);
+        if st.mode == PoolMode::Fail {
+            return Err(Error::FailedPrecondition(
+                "the pool has failed (its metadata needs a check and repair): no new \
+                 snapshots; restart thinpoold, which runs the check"
+                    .into(),
+            ));
+        }
         if min.0 == 0 {
             return Ok(());
         }
-        let st = self.backend.status()?;
-        self.observe(&st);
         let mut checks = vec![("data", "--data", st.data_used, st.data_total)];
         if self.backend.metadata_grows() {
             checks.push((
@@ -1016,7 +1221,11 @@ impl Pool {
             data: settings.data_size,
             metadata: settings.metadata_size,
         };
-        let after = plan_grow(&settings, req, self.backend.metadata_grows())?;
+        let files = PoolSize {
+            data: Bytes(loopback::file_len(&self.paths.data_file)?),
+            metadata: Bytes(loopback::file_len(&self.paths.metadata_file)?),
+        };
+        let after = plan_grow(&settings, files, req, self.backend.metadata_grows())?;
         let st = self.backend.status()?;
         self.observe(&st);
         if st.needs_check || st.mode == PoolMode::Fail {
@@ -1252,19 +1461,38 @@ impl Pool {
         Ok(n > 0)
     }
 
-    /// Compares our records with the backend's own metadata.
+    /// Compares our records with the backend's own metadata, as one consistent cut: no
+    /// create or delete runs while both sides are read. Also checks the store's own
+    /// invariants and reports quarantined devices. Removals recorded but not yet done
+    /// (deferred, or the device still in use) are `pending`, which is not a problem.
     pub fn audit(&self) -> Result<AuditReport> {
-        let records = self.store.read(|r| r.devices())?;
-        let theirs = self.backend.list_ids()?;
-        let ours: std::collections::BTreeSet<ThinId> = records.iter().map(|r| r.id).collect();
+        let (records, theirs) = {
+            let _cut = self.audit_gate.write();
+            let records = self.store.read(|r| r.devices())?;
+            (records, self.backend.list_ids()?)
+        };
+        let ours: BTreeSet<ThinId> = records.iter().map(|r| r.id).collect();
+        let of_state = |state: DeviceState| -> Vec<ThinId> {
+            records
+                .iter()
+                .filter(|r| r.state == state)
+                .map(|r| r.id)
+                .collect()
+        };
+        // A record mid-operation is reported as unfinished or pending, not also as missing:
+        // its kernel side may rightly be gone (a delete done, its record not yet removed).
+        let settled: BTreeSet<ThinId> = records
+            .iter()
+            .filter(|r| r.state == DeviceState::Ready)
+            .map(|r| r.id)
+            .collect();
         Ok(AuditReport {
             leaked: theirs.difference(&ours).copied().collect(),
-            missing: ours.difference(&theirs).copied().collect(),
-            unfinished: records
-                .iter()
-                .filter(|r| r.state != DeviceState::Ready)
-                .map(|r| r.id)
-                .collect(),
+            missing: settled.difference(&theirs).copied().collect(),
+            unfinished: of_state(DeviceState::Creating),
+            pending: of_state(DeviceState::Deleting),
+            quarantined: self.quarantined()?.into_iter().map(|q| q.id).collect(),
+            store_problems: self.store.check()?,
         })
     }
 
@@ -1421,11 +1649,14 @@ impl DeviceLocks {
         lock.lock_arc()
     }
 
+    /// Drops `id`'s lock unless someone holds it or waits for it: removing an entry in use
+    /// would let a newcomer make a second mutex for the same id and run beside the holder.
     fn forget(&self, id: ThinId) {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Only the map's own reference left (holders and waiters clone the Arc).
+        if map.get(&id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&id);
+        }
     }
 }
 
@@ -1446,6 +1677,24 @@ fn lock_root(paths: &PoolPaths) -> Result<File> {
         )));
     }
     Ok(f)
+}
+
+/// A store error while opening the pool, with what to do about it.
+fn store_damaged(e: Error) -> Error {
+    match e {
+        Error::Store(m) => Error::Inconsistent(format!(
+            "the metadata store failed ({m}); {}",
+            crate::store::REPAIR_HINT
+        )),
+        e => e,
+    }
+}
+
+/// Makes the entries of files created in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("sync directory", dir, e))
 }
 
 fn remove_if_exists(path: &std::path::Path) -> Result<()> {
@@ -1481,7 +1730,7 @@ fn discard_device(dev: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
+pub(crate) fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
     let backend = spec.backend.unwrap_or_else(|| backend::detect().0);
     let fs = spec.fs.unwrap_or(FsType::Ext4);
     let s = PoolSettings {
@@ -1555,12 +1804,22 @@ fn check_space_settings(s: &PoolSettings) -> Result<()> {
 }
 
 /// The new sizes a grow request asks for, checked; see [`Pool::grow`] for the rules.
-fn plan_grow(s: &PoolSettings, req: &GrowRequest, metadata_grows: bool) -> Result<PoolSize> {
+/// `files` are the pool files' lengths: a failed grow may have left a file longer than the
+/// recorded size, and a file never shrinks, so the current size is the larger of the two.
+fn plan_grow(
+    s: &PoolSettings,
+    files: PoolSize,
+    req: &GrowRequest,
+    metadata_grows: bool,
+) -> Result<PoolSize> {
     if req.data.is_none() && req.metadata.is_none() {
         return Err(Error::InvalidArgument(
             "nothing to grow: give a new data size, a new metadata size, or both".into(),
         ));
     }
+    let mut s = s.clone();
+    s.data_size = s.data_size.max(files.data);
+    s.metadata_size = s.metadata_size.max(files.metadata);
     let mut after = PoolSize {
         data: s.data_size,
         metadata: s.metadata_size,
@@ -1707,13 +1966,61 @@ mod tests {
         }
     }
 
+    /// Pool files as long as the recorded sizes.
+    fn files(s: &PoolSettings) -> PoolSize {
+        PoolSize {
+            data: s.data_size,
+            metadata: s.metadata_size,
+        }
+    }
+
+    /// A failed grow left the data file longer than recorded: the file's length is the
+    /// current size, so a request between the two is refused as a shrink, with the file's
+    /// size in the message, not left to fail later in the backend.
+    #[test]
+    fn grow_counts_a_file_longer_than_recorded() {
+        let s = settings(BackendKind::Dm);
+        let long = PoolSize {
+            data: Bytes::mib(768),
+            metadata: s.metadata_size,
+        };
+        let e = plan_grow(&s, long, &grow(Some("640M"), None), true).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("768 MiB")),
+            "{e}"
+        );
+        let after = plan_grow(&s, long, &grow(Some("+256M"), None), true).unwrap();
+        assert_eq!(after.data, Bytes::gib(1), "relative to the file's length");
+    }
+
+    /// Forgetting a device's lock while it is held must not let a newcomer take a second,
+    /// fresh lock for the same id.
+    #[test]
+    fn forget_keeps_a_lock_in_use() {
+        let locks = DeviceLocks::default();
+        let id = ThinId::new(7).unwrap();
+        let held = locks.lock(id);
+        locks.forget(id);
+        let same = locks.map.lock().unwrap().get(&id).cloned();
+        assert!(
+            same.is_some_and(|l| l.is_locked()),
+            "the held lock was forgotten"
+        );
+        drop(held);
+        locks.forget(id);
+        assert!(
+            locks.map.lock().unwrap().is_empty(),
+            "an unused lock is dropped"
+        );
+    }
+
     #[test]
     fn grow_plans_new_sizes() {
         let s = settings(BackendKind::Dm);
-        let after = plan_grow(&s, &grow(Some("+512M"), Some("128M")), true).unwrap();
+        let after = plan_grow(&s, files(&s), &grow(Some("+512M"), Some("128M")), true).unwrap();
         assert_eq!(after.data, Bytes::gib(1));
         assert_eq!(after.metadata, Bytes::mib(128));
-        let after = plan_grow(&s, &grow(Some("1G"), None), true).unwrap();
+        let after = plan_grow(&s, files(&s), &grow(Some("1G"), None), true).unwrap();
         assert_eq!(after.metadata, Bytes::mib(64), "metadata unchanged");
     }
 
@@ -1729,20 +2036,20 @@ mod tests {
             (None, Some("+1000")),
             (None, Some("17G")),
         ] {
-            let e = plan_grow(&s, &grow(data, metadata), true).unwrap_err();
+            let e = plan_grow(&s, files(&s), &grow(data, metadata), true).unwrap_err();
             assert!(
                 matches!(e, Error::InvalidArgument(_)),
                 "{data:?} {metadata:?}: {e}"
             );
         }
-        let e = plan_grow(&s, &grow(Some("256M"), None), true).unwrap_err();
+        let e = plan_grow(&s, files(&s), &grow(Some("256M"), None), true).unwrap_err();
         assert!(e.to_string().contains("never shrink"), "{e}");
     }
 
     #[test]
     fn reflink_metadata_does_not_grow() {
         let s = settings(BackendKind::Reflink);
-        let e = plan_grow(&s, &grow(Some("+512M"), Some("+64M")), false).unwrap_err();
+        let e = plan_grow(&s, files(&s), &grow(Some("+512M"), Some("+64M")), false).unwrap_err();
         assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
         assert!(e.to_string().contains("XFS log"), "{e}");
     }

@@ -102,7 +102,10 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
 ///
 /// ext4 is grown offline (`e2fsck -f -p`, then `resize2fs`): online growth needs
 /// CAP_SYS_RESOURCE, which containerised daemons often lack. xfs grows only when mounted, so
-/// it is mounted privately under `scratch` for `xfs_growfs`.
+/// it is mounted under `scratch` for `xfs_growfs`: nosuid, nodev, noexec (the image is a
+/// client's), made private so it does not propagate, and detached lazily when a step fails
+/// so it never outlives the call. A crash can still leave it: the engine removes scratch
+/// mounts at open ([`clear_scratch`]).
 pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     match fs {
         FsType::Ext4 => {
@@ -110,25 +113,79 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
             run("resize2fs", &[dev.as_os_str()]).map(drop)
         }
         FsType::Xfs => {
-            use nix::mount::{MntFlags, MsFlags, mount, umount2};
+            use nix::mount::{MsFlags, mount};
             std::fs::create_dir_all(scratch)
                 .map_err(|e| Error::io("create mount point", scratch, e))?;
-            mount(
-                Some(dev),
+            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+            if let Err(e) = mount(Some(dev), scratch, Some("xfs"), flags, Some("nouuid")) {
+                let _ = std::fs::remove_dir(scratch);
+                return Err(Error::io("mount for resize", dev, e.into()));
+            }
+            crate::failpoint::hit("grow:after_mount");
+            let result = mount(
+                None::<&str>,
                 scratch,
-                Some("xfs"),
-                MsFlags::empty(),
-                Some("nouuid"),
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
             )
-            .map_err(|e| Error::io("mount for resize", dev, e.into()))?;
-            let result = run("xfs_growfs", &[scratch.as_os_str()]);
-            let unmounted = umount2(scratch, MntFlags::empty())
-                .map_err(|e| Error::io("unmount after resize", scratch, e.into()));
-            let _ = std::fs::remove_dir(scratch);
+            .map_err(|e| Error::io("make resize mount private", scratch, e.into()))
+            .and_then(|()| run("xfs_growfs", &[scratch.as_os_str()]).map(drop));
+            let unmounted = unmount_scratch(scratch);
             result?;
             unmounted
         }
     }
+}
+
+/// Unmounts a scratch mount point and removes it; if the plain unmount fails (a transient
+/// opener), detaches it lazily (MNT_DETACH), so no mount stays in the host's namespace.
+fn unmount_scratch(scratch: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, umount2};
+    let unmounted = umount2(scratch, MntFlags::empty()).or_else(|e| {
+        tracing::warn!(path = %scratch.display(), error = %e, "unmount failed; detaching lazily");
+        umount2(scratch, MntFlags::MNT_DETACH)
+    });
+    let _ = std::fs::remove_dir(scratch);
+    unmounted.map_err(|e| Error::io("unmount after resize", scratch, e.into()))
+}
+
+/// Removes every scratch mount and mount point under `dir` (`<root>/resize`) that a crash
+/// during [`grow`] left: lazy unmount (repeated, for stacked mounts), then rmdir. Returns
+/// the paths cleared. Best effort: a failure is logged and the rest are still tried; the
+/// engine's rollback of the device then reports what is still busy.
+pub fn clear_scratch(dir: &Path) -> Vec<std::path::PathBuf> {
+    use nix::mount::{MntFlags, umount2};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut cleared = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let mut detached = false;
+        // EINVAL: not a mount point (any more).
+        for _ in 0..8 {
+            match umount2(&path, MntFlags::MNT_DETACH) {
+                Ok(()) => detached = true,
+                Err(nix::errno::Errno::EINVAL) => break,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "cannot detach a scratch mount");
+                    break;
+                }
+            }
+        }
+        if detached {
+            tracing::warn!(path = %path.display(),
+                "detached a scratch mount a crash left (an interrupted filesystem grow)");
+        }
+        match std::fs::remove_dir(&path) {
+            Ok(()) => cleared.push(path),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "cannot remove a scratch mount point"),
+        }
+    }
+    cleared
 }
 
 /// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)

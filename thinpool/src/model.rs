@@ -483,6 +483,22 @@ pub struct PoolStatus {
     pub devices: usize,
     pub data_file: PathBuf,
     pub metadata_file: PathBuf,
+    /// Devices open could not reconcile or activate; see [`QuarantinedDevice`].
+    #[serde(default)]
+    pub quarantined: Vec<QuarantinedDevice>,
+}
+
+/// A device that could not be reconciled or activated (at open, or when a failed create
+/// could not be rolled back). It is recorded durably and skipped, so that the rest of the
+/// pool serves; [`crate::Pool::reclaim`] retries it, and it leaves quarantine when a retry
+/// (or a later open's reconcile) succeeds, or when the device is removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedDevice {
+    pub id: ThinId,
+    /// What failed, with the error.
+    pub reason: String,
+    /// Unix time in nanoseconds of the first failure.
+    pub since_ns: u64,
 }
 
 /// Result of comparing our records with the kernel's (or the backend's) own metadata.
@@ -492,13 +508,28 @@ pub struct AuditReport {
     pub leaked: Vec<ThinId>,
     /// Ids we have records of but the backend lacks: devices whose data is gone.
     pub missing: Vec<ThinId>,
-    /// Records left in `Creating` or `Deleting`: operations not yet reconciled.
+    /// Records left in `Creating`: creates that were neither finished nor rolled back.
     pub unfinished: Vec<ThinId>,
+    /// Records in `Deleting`: removals recorded whose kernel delete is still to come
+    /// (deferred, or the device is still in use); reclaim finishes them. Not a problem.
+    #[serde(default)]
+    pub pending: Vec<ThinId>,
+    /// Devices in quarantine (see [`QuarantinedDevice`]).
+    #[serde(default)]
+    pub quarantined: Vec<ThinId>,
+    /// Broken invariants of the metadata store (duplicate names, dangling parents, ...).
+    #[serde(default)]
+    pub store_problems: Vec<String>,
 }
 
 impl AuditReport {
+    /// Nothing leaked, missing, unfinished, quarantined or broken; pending removals are fine.
     pub fn is_clean(&self) -> bool {
-        self.leaked.is_empty() && self.missing.is_empty() && self.unfinished.is_empty()
+        self.leaked.is_empty()
+            && self.missing.is_empty()
+            && self.unfinished.is_empty()
+            && self.quarantined.is_empty()
+            && self.store_problems.is_empty()
     }
 }
 

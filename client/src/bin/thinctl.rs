@@ -243,6 +243,16 @@ fn autoextend(threshold: u32, percent: u32, max: u64) -> String {
 async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
     let s = c.pool_status().await?;
     if as_json {
+        let quarantined: Vec<serde_json::Value> = s
+            .quarantined
+            .iter()
+            .map(|q| {
+                json!({
+                    "id": q.id, "name": q.name, "reason": q.reason,
+                    "since_unix": q.since.as_ref().map(|t| t.seconds),
+                })
+            })
+            .collect();
         return print_json(&json!({
             "backend": s.backend,
             "pool_name": s.pool_name,
@@ -280,6 +290,7 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
             "autoextend_metadata_percent": s.autoextend_metadata_percent,
             "autoextend_metadata_max_bytes": s.autoextend_metadata_max_bytes,
             "metadata_can_grow": s.metadata_can_grow,
+            "quarantined": quarantined,
         }));
     }
     let b = |n: u64| Bytes(n).to_string();
@@ -368,6 +379,7 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
             },
         ),
         ("Devices", s.devices.to_string()),
+        ("Quarantined Devices", s.quarantined.len().to_string()),
         (
             "Host Filesystem Free",
             format!(
@@ -380,6 +392,13 @@ async fn pool_status(c: &mut Client, as_json: bool) -> Result<()> {
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
     for (k, v) in rows {
         println!("{:<w$} {v}", format!("{k}:"), w = w);
+    }
+    // Keys are client data: printed escaped ({:?}), like the reason (which may quote one).
+    for q in &s.quarantined {
+        println!(
+            "quarantined: thin id {} {:?}: {:?} (thinpoold retries it; see docs/recovery.md)",
+            q.id, q.name, q.reason
+        );
     }
     Ok(())
 }
@@ -581,13 +600,18 @@ async fn run(cli: Cli) -> Result<()> {
             if json {
                 print_json(&json!({
                     "clean": a.clean, "leaked": a.leaked, "missing": a.missing,
-                    "unfinished": a.unfinished,
+                    "unfinished": a.unfinished, "pending": a.pending,
+                    "quarantined": a.quarantined, "store_problems": a.store_problems,
                 }))?;
             } else {
                 println!(
-                    "clean: {}\nleaked: {:?}\nmissing: {:?}\nunfinished: {:?}",
-                    a.clean, a.leaked, a.missing, a.unfinished
+                    "clean: {}\nleaked: {:?}\nmissing: {:?}\nunfinished: {:?}\n\
+                     pending removals: {:?}\nquarantined: {:?}",
+                    a.clean, a.leaked, a.missing, a.unfinished, a.pending, a.quarantined
                 );
+                for p in &a.store_problems {
+                    println!("store problem: {p}");
+                }
             }
             if !a.clean {
                 bail!("the audit found problems");

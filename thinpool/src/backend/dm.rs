@@ -339,6 +339,7 @@ impl DmBackend {
             txn: AtomicU64::new(txn),
         };
         backend.resume_suspended()?;
+        backend.release_held_metadata_snap()?;
         if live_lwm != lwm {
             // A live pool keeps the mark it was loaded with; the autoextend settings (which
             // place it) may have changed since.
@@ -446,16 +447,46 @@ impl DmBackend {
         warn!("thin-pool metadata needs a check; running thin_check before activating devices");
         let meta_node = pool.meta_dev().devnode();
         // The pool must be down while thin_check reads its metadata.
-        dm.device_remove(&DevId::Name(&names.pool()), DmOptions::default())
-            .map_err(dm_err("remove thin-pool for thin_check"))?;
-        fsutil::run(
+        if let Err(e) = dm.device_remove(&DevId::Name(&names.pool()), DmOptions::default()) {
+            if errno_of(&e) != Some(nix::errno::Errno::EBUSY) {
+                return Err(Error::dm("remove thin-pool for thin_check", e));
+            }
+            let busy: Vec<String> = dm
+                .list_devices()
+                .map(|l| {
+                    l.into_iter()
+                        .filter_map(|(n, _, _)| names.parse_thin(&n.to_string()))
+                        .map(|id| id.to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(Error::FailedPrecondition(format!(
+                "the pool's metadata needs a check, which needs the pool down, but thin \
+                 devices are active on it: {}; stop the containers using them (unmount \
+                 them), then restart thinpoold",
+                if busy.is_empty() {
+                    "(none found; see dmsetup ls)".to_string()
+                } else {
+                    busy.join(", ")
+                }
+            )));
+        }
+        if let Err(e) = fsutil::run(
             "thin_check",
             &[
                 "-q".as_ref(),
                 "--clear-needs-check-flag".as_ref(),
                 meta_node.as_os_str(),
             ],
-        )?;
+        ) {
+            return Err(Error::Inconsistent(format!(
+                "thin_check found damage in the pool metadata ({e}); the pool is down and \
+                 its devices stay inactive. Repair: `thin_repair -i {} -o NEW` onto a fresh \
+                 file of the same size, check it with `thin_check NEW`, and swap it in for \
+                 the metadata file while thinpoold is stopped (docs/recovery.md)",
+                meta_node.display()
+            )));
+        }
         let meta = LinearDev::setup(
             dm,
             &names.meta(),
@@ -485,6 +516,42 @@ impl DmBackend {
         Ok(pool)
     }
 
+    /// Resumes a snapshot's origin after `create_snap`, retrying a few times: a suspended
+    /// origin hangs every process on it (its filesystem is frozen). Every failure is logged;
+    /// the last one is returned, naming the command that resumes it by hand (and the failed
+    /// create, if `made` failed too).
+    fn resume_origin(&self, origin: ThinId, id: &DevId<'_>, made: Option<&Error>) -> Result<()> {
+        const DELAYS_MS: [u64; 4] = [0, 10, 100, 500];
+        let mut last = None;
+        for (attempt, delay) in DELAYS_MS.into_iter().enumerate() {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+            match self.dm.device_suspend(id, DmOptions::default()) {
+                Ok(_) => {
+                    if attempt > 0 {
+                        info!(origin = %origin, attempt, "origin resumed after a retry");
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    error!(origin = %origin, attempt, error = %e,
+                        "resuming a snapshot's origin failed");
+                    last = Some(e);
+                }
+            }
+        }
+        let e = last.expect("at least one attempt");
+        Err(Error::Dm {
+            context: format!("resume origin {origin}"),
+            message: format!(
+                "{e}{}: the origin is SUSPENDED and its users hang until `dmsetup resume {}` \
+                 succeeds (thinpoold also resumes it at its next start)",
+                made.map(|m| format!(" (after the snapshot itself failed: {m})"))
+                    .unwrap_or_default(),
+                &*self.names.thin(origin)
+            ),
+        })
+    }
+
     /// Resumes any of our devices left suspended by a crash in the middle of a snapshot.
     fn resume_suspended(&self) -> Result<()> {
         for (name, _, _) in self.dm.list_devices().map_err(dm_err("list devices"))? {
@@ -502,6 +569,24 @@ impl DmBackend {
                     .device_suspend(&DevId::Name(&name), DmOptions::default())
                     .map_err(dm_err(format!("resume {name_str}")))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Releases a metadata snapshot that a crash between `reserve_metadata_snap` and its
+    /// release left held. The held root lives in the pool's metadata, survives restarts and
+    /// reboots, and makes every later reserve (so every `thin_ls`: audits, per-device
+    /// metrics) fail with EBUSY. Only this process uses the pool (it holds the root's lock),
+    /// so a held root at open is always a leftover.
+    fn release_held_metadata_snap(&self) -> Result<()> {
+        let w = self.working_status()?;
+        if let Some(root) = w.held_metadata_root {
+            warn!(
+                root = root.0,
+                "releasing a metadata snapshot a crash left held"
+            );
+            self.pool_message("release_metadata_snap")
+                .map_err(dm_err("release a held metadata snapshot"))?;
         }
         Ok(())
     }
@@ -655,8 +740,20 @@ impl DmBackend {
     /// consistent metadata while the pool is live; the snapshot is released on every path.
     fn thin_ls(&self, fields: &[&str]) -> Result<String> {
         let _snap = self.metadata_snap.lock();
-        self.pool_message("reserve_metadata_snap")
-            .map_err(dm_err("reserve_metadata_snap"))?;
+        match self.pool_message("reserve_metadata_snap") {
+            Ok(()) => {}
+            // A snapshot is held already, and under our lock only a crashed run of ours
+            // (or a stray dmsetup message) can have left it: release it and retry once.
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
+                warn!("a metadata snapshot was held already; releasing it and retrying");
+                self.pool_message("release_metadata_snap")
+                    .map_err(dm_err("release a held metadata snapshot"))?;
+                self.pool_message("reserve_metadata_snap")
+                    .map_err(dm_err("reserve_metadata_snap"))?;
+            }
+            Err(e) => return Err(Error::dm("reserve_metadata_snap", e)),
+        }
+        failpoint::hit("thin_ls:after_reserve");
         let mut args: Vec<&std::ffi::OsStr> =
             vec!["--metadata-snap".as_ref(), "--no-headers".as_ref()];
         for f in fields {
@@ -781,13 +878,7 @@ impl Backend for DmBackend {
             .map_err(|e| Error::dm(format!("create_snap {id} {origin}"), e));
         if origin_active {
             // Resume on every path: a suspended origin hangs its users.
-            let resumed = self
-                .dm
-                .device_suspend(&origin_id, DmOptions::default())
-                .map_err(dm_err(format!("resume origin {origin}")));
-            if made.is_ok() {
-                resumed?;
-            }
+            self.resume_origin(origin, &origin_id, made.as_ref().err())?;
         }
         made
     }
