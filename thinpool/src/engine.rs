@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -137,9 +138,11 @@ impl Pool {
     /// unfinished operations. It never re-initialises existing metadata.
     pub fn open(spec: &PoolSpec) -> Result<Pool> {
         let paths = PoolPaths::new(&spec.root);
-        fs::create_dir_all(&paths.root)
+        fsutil::create_private_dir(&paths.root)
             .map_err(|e| Error::io("create pool root", &paths.root, e))?;
         let lock = lock_root(&paths)?;
+        // Pools made before the modes were set are 0755/0644: tighten them on every open.
+        fsutil::make_private(&paths.root)?;
 
         if paths.store_file.exists() {
             let store = Store::open(&paths.store_file)?;
@@ -1287,6 +1290,7 @@ fn lock_root(paths: &PoolPaths) -> Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
         .open(&paths.lock_file)
         .map_err(|e| Error::io("open lock file", &paths.lock_file, e))?;
     // SAFETY: flock on a file descriptor we own.

@@ -193,9 +193,11 @@ pub fn dev_numbers(dev: &Path) -> Result<(u32, u32)> {
 
 /// Creates a sparse file of `size` bytes. Precondition: the file does not exist.
 pub fn create_sparse(path: &Path, size: u64) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(crate::fsutil::PRIVATE_FILE_MODE)
         .open(path)
         .map_err(|e| Error::io("create pool file", path, e))?;
     f.set_len(size)

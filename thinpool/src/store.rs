@@ -60,6 +60,8 @@ impl Store {
     /// Creates a new store for a pool being made. Precondition: no file at `path`.
     pub fn create(path: &Path, settings: &PoolSettings) -> Result<Store> {
         let db = Database::create(path)?;
+        // redb creates the file 0644; it holds every snapshot's key and labels.
+        crate::fsutil::make_private(path)?;
         let store = Store { db };
         store.write(|w| {
             w.set_meta(K_SCHEMA, &SCHEMA_VERSION)?;

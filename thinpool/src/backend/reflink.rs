@@ -134,7 +134,7 @@ impl ReflinkBackend {
             mount_xfs(&data_dev, &meta_dev, &mnt)?;
             let mnt = canonical(&mnt)?;
             let devices = mnt.join(DEVICES_DIR);
-            fs::create_dir(&devices)
+            fsutil::create_private_dir(&devices)
                 .map_err(|e| io_error("create devices directory", &devices, e))?;
             write_counter(&mnt, 0)?;
             info!(data = %data_dev.display(), log = %meta_dev.display(), mnt = %mnt.display(),
@@ -165,7 +165,7 @@ impl ReflinkBackend {
         let data_dev = loopback::attach(&paths.data_file)?;
         let meta_dev = loopback::attach(&paths.metadata_file)?;
         let mnt = paths.root.join("mnt");
-        fs::create_dir_all(&mnt).map_err(|e| io_error("create mount point", &mnt, e))?;
+        fsutil::create_private_dir(&mnt).map_err(|e| io_error("create mount point", &mnt, e))?;
         match mounted_source(&canonical(&mnt)?)? {
             Some(source) if Path::new(&source) == data_dev => {
                 info!(mnt = %mnt.display(), "pool XFS already mounted");
@@ -614,6 +614,7 @@ fn create_device_file(file: &Path, id: ThinId) -> Result<File> {
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
         .open(file)
         .map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => {
@@ -641,7 +642,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes the counter atomically and durably: temp file, fsync, rename, fsync(dir).
 fn write_counter(mnt: &Path, txn: u64) -> Result<()> {
     let tmp = mnt.join(COUNTER_TEMP);
-    let mut f = File::create(&tmp).map_err(|e| io_error("create counter", &tmp, e))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
+        .open(&tmp)
+        .map_err(|e| io_error("create counter", &tmp, e))?;
     f.write_all(format!("{txn}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| io_error("write counter", &tmp, e))?;
@@ -668,7 +675,7 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 /// sequential writes to new space to a third (see reflinkbench); a periodic `fstrim` of
 /// the mount gives free space back to the host instead.
 fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
-    fs::create_dir_all(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
+    fsutil::create_private_dir(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
     let opts = format!("logdev={}", meta_dev.display());
     let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(Some(data_dev), mnt, Some("xfs"), flags, Some(opts.as_str()))
@@ -680,7 +687,10 @@ fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
         MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| Error::io("make pool mount private", mnt, e.into()))
+    .map_err(|e| Error::io("make pool mount private", mnt, e.into()))?;
+    // The XFS root is 0755 from mkfs, and pools made before the modes were set have 0644
+    // device files: only root may read container data.
+    fsutil::make_private(mnt)
 }
 
 fn unmount(mnt: &Path) -> Result<()> {
