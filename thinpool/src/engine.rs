@@ -1393,6 +1393,29 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
 }
 
 /// Checks the settings of the space guard and autoextension.
+/// Checks the settings in `spec` that apply to new and existing pools alike (the free-space
+/// guard, the autoextend policies) without touching the filesystem, so that a daemon can
+/// refuse a bad setting before it creates anything. [`Pool::open`] checks them again.
+pub fn check_spec_settings(spec: &PoolSpec) -> Result<()> {
+    check_space_settings(&PoolSettings {
+        min_free_space: spec
+            .min_free_space
+            .unwrap_or(PoolSettings::DEFAULT_MIN_FREE_SPACE),
+        autoextend_data: spec.autoextend_data.unwrap_or_default(),
+        autoextend_metadata: spec.autoextend_metadata.unwrap_or_default(),
+        backend: BackendKind::Reflink,
+        data_size: PoolSettings::DEFAULT_DATA_SIZE,
+        metadata_size: PoolSettings::DEFAULT_METADATA_SIZE,
+        block_size: PoolSettings::DEFAULT_BLOCK_SIZE,
+        base_size: PoolSettings::DEFAULT_BASE_SIZE,
+        fs: FsType::Ext4,
+        mkfs_options: Vec::new(),
+        mount_options: Vec::new(),
+        error_if_no_space: true,
+        tag: String::new(),
+    })
+}
+
 fn check_space_settings(s: &PoolSettings) -> Result<()> {
     if s.min_free_space.0 > 50 {
         return Err(Error::InvalidArgument(format!(
