@@ -83,6 +83,10 @@ struct Args {
     /// series per device, so off by default.
     #[arg(long)]
     metrics_per_device: bool,
+    /// The size label (containerd.io/snapshot/thinpool.size) may ask for at most the pool's
+    /// data size times this [default: 1.0]
+    #[arg(long, value_name = "FACTOR")]
+    max_device_overcommit: Option<f64>,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -168,6 +172,7 @@ async fn main() -> Result<()> {
         metadata_autoextend_percent: args.metadata_autoextend_percent,
         metadata_autoextend_max: args.metadata_autoextend_max,
         metrics_per_device: args.metrics_per_device,
+        max_device_overcommit: args.max_device_overcommit,
     };
     let config = Config::merge(flags, file)?;
     raise_fd_limit();
@@ -257,6 +262,7 @@ async fn main() -> Result<()> {
         pool,
         StaticInfo {
             library_version: library_version(backend),
+            max_device_overcommit: Some(config.max_device_overcommit),
         },
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

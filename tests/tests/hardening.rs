@@ -319,3 +319,151 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+fn vm_rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The size label is capped at the pool's data size (times --max-device-overcommit), and
+/// refused clearly (probe D5, review #30).
+#[test]
+fn size_label_is_capped_at_the_pool() {
+    let h = &thinpool_tests::grpc::Harness::start("size-cap");
+    h.run(|mut c| async move {
+        let size = |s: &str| {
+            [(thinpool_server::SIZE_LABEL.to_string(), s.to_string())]
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        // A 4 GiB pool: 1 TiB is refused at once, before anything is made.
+        let t = std::time::Instant::now();
+        let e = c
+            .prepare("huge", None, size("1T"))
+            .await
+            .expect_err("1T on a 4G pool");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("max-device-overcommit"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+        let e = c
+            .prepare("over", None, size("5G"))
+            .await
+            .expect_err("5G on a 4G pool");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(c.list(&[]).await.unwrap().is_empty(), "nothing was made");
+    });
+}
+
+/// Filters are bounded in count, size and depth, errors do not echo unbounded input, and
+/// List runs off the async workers and streams a page at a time: unread Lists do not pin
+/// the listing (probe D6, D7, N8).
+#[test]
+fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
+    let h = &thinpool_tests::grpc::Harness::start("list-bounds");
+    let pool = h.pool().clone();
+    // 300 snapshots with 15 labels of 4,000 bytes: an 18 MB listing.
+    h.rt.block_on(async {
+        let big = "x".repeat(4000);
+        for i in 0..300 {
+            let mut req = request(&format!("s{i:03}"), None, DeviceKind::Active);
+            for l in 0..15 {
+                req.labels.insert(format!("l{l}"), big.clone());
+            }
+            pool.snapshot(req).await.unwrap();
+        }
+    });
+    let socket = h.socket.clone();
+    h.run(|mut c| async move {
+        // Bounds, with short messages.
+        let many: Vec<String> = (0..100).map(|i| format!("name==s{i:03}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let e = c.list(&many).await.expect_err("100 filters");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let deep = format!("labels.{}z==1", "a.".repeat(100));
+        let e = c.list(&[&deep]).await.expect_err("deep path");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let bad = format!("name==\"{}", "y".repeat(60_000)); // unterminated quote
+        let e = c.list(&[&bad]).await.expect_err("malformed");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.to_string().len() < 1024,
+            "echoed {} bytes",
+            e.to_string().len()
+        );
+        let huge = format!("name=={}", "y".repeat(1 << 20));
+        let e = c.list(&[&huge]).await.expect_err("1 MiB filter");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(
+            e.to_string().len() < 1024,
+            "echoed {} bytes",
+            e.to_string().len()
+        );
+
+        // The costliest allowed filter, in 8 Lists at once, does not stall a Stat.
+        let costly: Vec<String> = (0..64)
+            .map(|i| {
+                (0..4)
+                    .map(|j| format!("labels.l{j}!={i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let mut lists = Vec::new();
+        for _ in 0..8 {
+            let costly = costly.clone();
+            let socket = socket.clone();
+            lists.push(tokio::spawn(async move {
+                let mut c = thinpool_client::Client::connect(&socket).await.unwrap();
+                let f: Vec<&str> = costly.iter().map(String::as_str).collect();
+                c.list(&f).await.unwrap().len()
+            }));
+        }
+        let mut worst = std::time::Duration::ZERO;
+        for _ in 0..20 {
+            let t = std::time::Instant::now();
+            c.stat("s000").await.unwrap();
+            worst = worst.max(t.elapsed());
+        }
+        for l in lists {
+            assert_eq!(l.await.unwrap(), 300);
+        }
+        eprintln!("Stat during 8 costly Lists: worst {worst:?}");
+        // Generous: the host is shared; the Lists are CPU-bound on 2 cores.
+        assert!(worst < std::time::Duration::from_millis(1500), "{worst:?}");
+
+        // 20 List streams, each on its own connection, never read.
+        let before = vm_rss_kib();
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            let c = thinpool_client::Client::connect(&socket).await.unwrap();
+            let s = c
+                .snapshots_raw()
+                .list(thinpool_proto::snapshots::ListSnapshotsRequest {
+                    snapshotter: "thinpool".into(),
+                    filters: vec![],
+                })
+                .await
+                .unwrap();
+            held.push((c, s));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let after = vm_rss_kib();
+        let grown_mb = after.saturating_sub(before) / 1024;
+        eprintln!(
+            "20 unread List streams of an 18 MB listing: RSS {} MB -> {} MB (+{grown_mb} MB)",
+            before / 1024,
+            after / 1024
+        );
+        assert!(grown_mb < 150, "RSS grew by {grown_mb} MB");
+        // A stream that is read gets everything.
+        let (_, mut s) = held.pop().unwrap();
+        let mut n = 0;
+        while let Some(m) = s.get_mut().message().await.unwrap() {
+            n += m.info.len();
+        }
+        assert_eq!(n, 300);
+    });
+}

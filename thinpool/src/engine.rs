@@ -525,6 +525,18 @@ impl Pool {
         self.store.read(|r| r.devices())
     }
 
+    /// A page of [`Pool::devices`]: the records with ids above `after`, at most
+    /// `max_records` and about `max_bytes` (for listings streamed without holding them all).
+    pub fn devices_page(
+        &self,
+        after: Option<ThinId>,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<DeviceRecord>> {
+        self.store
+            .read(|r| r.devices_page(after, max_records, max_bytes))
+    }
+
     /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
@@ -652,7 +664,7 @@ impl Pool {
         let scratch = self.paths.root.join("resize").join(id.to_string());
         let grown = fsutil::grow(fs, &dev, &scratch);
         self.backend.deactivate(id)?;
-        grown
+        grown.map_err(|e| grow_error(e, fs, size))
     }
 
     /// Turns the active device `key` into a committed (read-only) one named `name`, and
@@ -1393,6 +1405,41 @@ fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
 }
 
 /// Checks the settings of the space guard and autoextension.
+/// A failed filesystem grow of a new snapshot, for the client: the snapshot is rolled back,
+/// so the tool's advice to repair the device is dropped; a size the filesystem cannot have
+/// (e.g. ext4 needing more than 2^32 inodes) is the request's fault, not ours.
+fn grow_error(e: Error, fs: FsType, size: Bytes) -> Error {
+    let Error::Command {
+        program,
+        status,
+        stderr,
+    } = e
+    else {
+        return e;
+    };
+    let stderr: String = stderr
+        .lines()
+        .filter(|l| !l.contains("e2fsck") && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let limit = [
+        "must be less than",
+        "too big",
+        "too large",
+        "Invalid argument",
+    ];
+    if limit.iter().any(|l| stderr.contains(l)) {
+        return Error::InvalidArgument(format!(
+            "size {size}: {fs} cannot grow to it ({program}: {stderr}); nothing was created"
+        ));
+    }
+    Error::Command {
+        program,
+        status,
+        stderr,
+    }
+}
+
 /// Checks the settings in `spec` that apply to new and existing pools alike (the free-space
 /// guard, the autoextend policies) without touching the filesystem, so that a daemon can
 /// refuse a bad setting before it creates anything. [`Pool::open`] checks them again.
