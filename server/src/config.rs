@@ -87,6 +87,8 @@ pub struct FileConfig {
     pub metrics_per_device: Option<bool>,
     #[serde(alias = "max_device_overcommit")]
     pub max_device_overcommit: Option<f64>,
+    #[serde(alias = "overcommit_host")]
+    pub overcommit_host: Option<bool>,
 }
 
 impl FileConfig {
@@ -130,6 +132,8 @@ pub struct Flags {
     /// `--metrics-per-device` given (a switch: `false` means "not given").
     pub metrics_per_device: bool,
     pub max_device_overcommit: Option<f64>,
+    /// `--overcommit-host` given.
+    pub overcommit_host: bool,
 }
 
 /// Which backend to use.
@@ -166,6 +170,8 @@ pub struct Config {
     pub metrics_per_device: bool,
     /// The size label may ask for at most the pool's data size times this.
     pub max_device_overcommit: f64,
+    /// Create a new pool even if its files could outgrow the host filesystem's free space.
+    pub overcommit_host: bool,
 }
 
 fn percent(key: &'static str, v: Option<PercentValue>) -> Result<Option<Percent>, ConfigError> {
@@ -301,6 +307,7 @@ impl Config {
         }
         Ok(Config {
             max_device_overcommit,
+            overcommit_host: flags.overcommit_host || file.overcommit_host.unwrap_or(false),
             min_free_space,
             autoextend_data,
             autoextend_metadata,

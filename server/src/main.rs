@@ -87,6 +87,10 @@ struct Args {
     /// data size times this [default: 1.0]
     #[arg(long, value_name = "FACTOR")]
     max_device_overcommit: Option<f64>,
+    /// Create a new pool even if its files (data + metadata) could come to take more than the
+    /// host filesystem has free; refused otherwise.
+    #[arg(long)]
+    overcommit_host: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -173,6 +177,7 @@ async fn main() -> Result<()> {
         metadata_autoextend_max: args.metadata_autoextend_max,
         metrics_per_device: args.metrics_per_device,
         max_device_overcommit: args.max_device_overcommit,
+        overcommit_host: args.overcommit_host,
     };
     let config = Config::merge(flags, file)?;
     raise_fd_limit();
@@ -196,6 +201,7 @@ async fn main() -> Result<()> {
         min_free_space: config.min_free_space,
         autoextend_data: config.autoextend_data,
         autoextend_metadata: config.autoextend_metadata,
+        overcommit_host: config.overcommit_host,
         ..PoolSpec::default()
     };
     // Refuse bad settings before anything is created (the root, its lock).

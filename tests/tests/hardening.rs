@@ -380,13 +380,13 @@ fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
         // Bounds, with short messages.
         let many: Vec<String> = (0..100).map(|i| format!("name==s{i:03}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        let e = c.list(&many).await.expect_err("100 filters");
+        let e = c.list(&many).await.err().expect("100 filters refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let deep = format!("labels.{}z==1", "a.".repeat(100));
-        let e = c.list(&[&deep]).await.expect_err("deep path");
+        let e = c.list(&[&deep]).await.err().expect("deep path refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let bad = format!("name==\"{}", "y".repeat(60_000)); // unterminated quote
-        let e = c.list(&[&bad]).await.expect_err("malformed");
+        let e = c.list(&[&bad]).await.err().expect("malformed refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         assert!(
             e.to_string().len() < 1024,
@@ -394,7 +394,7 @@ fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
             e.to_string().len()
         );
         let huge = format!("name=={}", "y".repeat(1 << 20));
-        let e = c.list(&[&huge]).await.expect_err("1 MiB filter");
+        let e = c.list(&[&huge]).await.err().expect("1 MiB filter refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         assert!(
             e.to_string().len() < 1024,
@@ -466,4 +466,70 @@ fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
         }
         assert_eq!(n, 300);
     });
+}
+
+/// The metadata file is allocated at creation, and at open when it is sparse (a pool made
+/// before); a pool that could outgrow the host filesystem is refused unless forced (review
+/// #10).
+#[test]
+fn metadata_is_preallocated_and_creation_checks_the_host() {
+    use thinpool_tests::allocated_bytes;
+    let dir = pool_dir("space-safety", false);
+    let root = dir.join("pool");
+    let spec = small_spec(&root);
+    let mut tp = TestPool::open(&spec);
+    let meta = tp.pool().paths().metadata_file.clone();
+    let len = std::fs::metadata(&meta).unwrap().len();
+    assert!(
+        allocated_bytes(&meta) >= len,
+        "metadata file allocated at creation: {} of {len}",
+        allocated_bytes(&meta)
+    );
+
+    // A pool made before: its metadata file sparse (same content, zeros as holes).
+    tp.close(true);
+    let sparse = dir.join("metadata.sparse");
+    let st = Command::new("cp")
+        .args(["--sparse=always"])
+        .arg(&meta)
+        .arg(&sparse)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::rename(&sparse, &meta).unwrap();
+    assert!(
+        allocated_bytes(&meta) < len,
+        "control: the copy is sparse ({} of {len})",
+        allocated_bytes(&meta)
+    );
+    tp.reopen(&spec);
+    assert!(
+        allocated_bytes(&meta) >= len,
+        "metadata file allocated at open: {} of {len}",
+        allocated_bytes(&meta)
+    );
+    tp.assert_audit_clean();
+    drop(tp);
+
+    // Larger than the host filesystem's free space: refused, clearly, with the figures.
+    let root = dir.join("too-big");
+    let spec = PoolSpec {
+        data_size: Some(thinpool::Bytes::gib(1 << 20)), // 1 PiB
+        ..small_spec(&root)
+    };
+    let e = match thinpool::Pool::open(&spec) {
+        Ok(p) => {
+            let _ = p.close(true);
+            panic!("a 1 PiB pool was created");
+        }
+        Err(e) => e,
+    };
+    assert_eq!(e.kind(), thinpool::ErrorKind::ResourceExhausted, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("free") && msg.contains("--overcommit-host"),
+        "{msg}"
+    );
+    assert!(!root.join("data").exists() && !root.join("pool.redb").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -143,6 +143,14 @@ impl Pool {
         let lock = lock_root(&paths)?;
         // Pools made before the modes were set are 0755/0644: tighten them on every open.
         fsutil::make_private(&paths.root)?;
+        // Pools made before the metadata file was preallocated: allocate it now, if the host
+        // has room (else it stays as it was, and we say so).
+        if paths.metadata_file.exists()
+            && let Err(e) = loopback::preallocate(&paths.metadata_file)
+        {
+            warn!(file = %paths.metadata_file.display(), error = %e,
+                "the metadata file is sparse: a full host filesystem can fail the pool");
+        }
 
         if paths.store_file.exists() {
             let store = Store::open(&paths.store_file)?;
@@ -169,6 +177,9 @@ impl Pool {
 
     fn create(paths: PoolPaths, spec: &PoolSpec, lock: File) -> Result<Pool> {
         let settings = settings_from_spec(spec)?;
+        if !spec.overcommit_host {
+            check_room_for_create(&paths.root, &settings)?;
+        }
         info!(root = %paths.root.display(), backend = %settings.backend,
             data = %settings.data_size, metadata = %settings.metadata_size, "creating pool");
         // The store goes first: if we crash from here on, it says "initializing".
@@ -1545,6 +1556,26 @@ fn plan_grow(s: &PoolSettings, req: &GrowRequest, metadata_grows: bool) -> Resul
 
 /// Fails with `ResourceExhausted` when `need` (what grown files could take) is above `free`
 /// on the filesystem holding `dir`.
+/// Refuses a new pool whose files could come to take more than the host filesystem holding
+/// `root` has free: the metadata file is allocated at once, the data file as the pool fills.
+fn check_room_for_create(root: &Path, s: &PoolSettings) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(root).map_err(|e| Error::io("statfs", root, e.into()))?;
+    let free = Bytes(st.blocks_available().saturating_mul(st.fragment_size()));
+    let need = Bytes(s.data_size.0.saturating_add(s.metadata_size.0));
+    if need > free {
+        return Err(Error::ResourceExhausted(format!(
+            "a pool of {} data and {} metadata could take {need} on the filesystem holding \
+             {}, which has {free} free; give smaller sizes, free space there, or create it \
+             with --overcommit-host (the data file is sparse: it takes space only as the \
+             pool fills, and a full host filesystem then fails containers' writes)",
+            s.data_size,
+            s.metadata_size,
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
 fn host_has_room(dir: &Path, need: Bytes, free: Bytes) -> Result<()> {
     if need > free {
         return Err(Error::ResourceExhausted(format!(

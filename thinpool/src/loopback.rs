@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
@@ -138,6 +139,40 @@ pub fn extend(path: &Path, size: u64) -> Result<()> {
             )),
             _ => Error::io("extend pool file", path, e),
         })?;
+    }
+    f.sync_all()
+        .map_err(|e| Error::io("sync pool file", path, e))
+}
+
+/// Allocates every block of the file at `path` (its holes; data is kept) and syncs it. The
+/// pool's metadata file is preallocated: a sparse one fails the pool (dm: metadata I/O
+/// errors, `needs_check`; reflink: the XFS log) when the host filesystem fills. A file
+/// already fully allocated costs one stat.
+///
+/// Errors: `ResourceExhausted` when the host filesystem has no room for it.
+pub fn preallocate(path: &Path) -> Result<()> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open pool file", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io("stat pool file", path, e))?
+        .len();
+    if allocated(path)? >= len {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a file descriptor we own; mode 0 only allocates (keeps data).
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ENOSPC) => Error::ResourceExhausted(format!(
+                "no room on the host filesystem to allocate {} ({len} bytes)",
+                path.display()
+            )),
+            _ => Error::io("allocate pool file", path, e),
+        });
     }
     f.sync_all()
         .map_err(|e| Error::io("sync pool file", path, e))

@@ -108,6 +108,7 @@ impl ReflinkBackend {
         }
         loopback::create_sparse(&paths.data_file, settings.data_size.0)?;
         loopback::create_sparse(&paths.metadata_file, settings.metadata_size.0)?;
+        loopback::preallocate(&paths.metadata_file)?;
         let made = (|| {
             let data_dev = loopback::attach(&paths.data_file)?;
             let meta_dev = loopback::attach(&paths.metadata_file)?;
