@@ -380,13 +380,25 @@ fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
         // Bounds, with short messages.
         let many: Vec<String> = (0..100).map(|i| format!("name==s{i:03}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        let e = c.list(&many).await.err().expect("100 filters refused");
+        let e = c
+            .list(&many)
+            .await
+            .map(|v| v.len())
+            .expect_err("100 filters refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let deep = format!("labels.{}z==1", "a.".repeat(100));
-        let e = c.list(&[&deep]).await.err().expect("deep path refused");
+        let e = c
+            .list(&[&deep])
+            .await
+            .map(|v| v.len())
+            .expect_err("deep path refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let bad = format!("name==\"{}", "y".repeat(60_000)); // unterminated quote
-        let e = c.list(&[&bad]).await.err().expect("malformed refused");
+        let e = c
+            .list(&[&bad])
+            .await
+            .map(|v| v.len())
+            .expect_err("malformed refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         assert!(
             e.to_string().len() < 1024,
@@ -394,7 +406,11 @@ fn list_filters_are_bounded_and_streams_do_not_pin_memory() {
             e.to_string().len()
         );
         let huge = format!("name=={}", "y".repeat(1 << 20));
-        let e = c.list(&[&huge]).await.err().expect("1 MiB filter refused");
+        let e = c
+            .list(&[&huge])
+            .await
+            .map(|v| v.len())
+            .expect_err("1 MiB filter refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         assert!(
             e.to_string().len() < 1024,
