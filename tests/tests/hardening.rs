@@ -549,3 +549,59 @@ fn metadata_is_preallocated_and_creation_checks_the_host() {
     assert!(!root.join("data").exists() && !root.join("pool.redb").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The process umask as /proc reports it (reading it does not change it).
+fn proc_umask() -> String {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| v.trim().to_string())
+        .expect("Umask in /proc/self/status")
+}
+
+/// Binding the socket never changes the process-wide umask, which other threads' file
+/// creation uses (review #28); the socket is still 0660.
+#[test]
+fn bind_socket_leaves_the_umask_alone() {
+    let dir = pool_dir("umask", false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = proc_umask();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let before = before.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = proc_umask();
+                if m != before {
+                    seen.insert(m);
+                }
+            }
+            seen
+        })
+    };
+    let sock = dir.join("s.sock");
+    for _ in 0..300 {
+        let _entered = rt.enter();
+        let l = thinpool_server::bind_socket(&sock, None).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        drop(l);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert!(
+        seen.is_empty(),
+        "umask {before} changed to {seen:?} during bind"
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        1,
+        "only the socket is left in its directory"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
