@@ -112,6 +112,34 @@ fn pool_files_are_private_to_root_and_tightened_at_open() {
     );
     tp.reopen(&spec);
     assert_private(&root);
+
+    // Another filesystem mounted under the root (a container's, say) is not touched.
+    let foreign = root.join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &foreign,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .unwrap();
+    let file = foreign.join("f");
+    std::fs::write(&file, b"x").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    tp.close(false);
+    let reopened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tp.reopen(&spec)));
+    let modes = (
+        std::fs::metadata(&foreign).unwrap().permissions().mode() & 0o777,
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+    );
+    nix::mount::umount(&foreign).unwrap();
+    reopened.unwrap();
+    assert_eq!(
+        modes,
+        (0o755, 0o644),
+        "a foreign mount under the root was changed"
+    );
     drop(tp);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,16 +32,26 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Tightens `path` and everything under it: directories to 0700, regular files to 0600
-/// (pools made before the modes were set were 0755/0644). Symlinks are not followed and
-/// other file types are left alone. Walks into mounts below `path` (the reflink XFS).
+/// Tightens `path` and everything under it on the same filesystem: directories to 0700,
+/// regular files to 0600 (pools made before the modes were set were 0755/0644). Symlinks are
+/// not followed, other file types are left alone, and mounts below `path` (a container's
+/// filesystem mounted for a resize or by a user) are not entered: the reflink XFS is
+/// tightened by its own call.
 pub fn make_private(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::MetadataExt;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("stat", path, e)),
     };
+    tighten(path, &meta, meta.dev())
+}
+
+fn tighten(path: &Path, meta: &std::fs::Metadata, dev: u64) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if meta.dev() != dev {
+        return Ok(()); // another filesystem mounted here
+    }
     let want = if meta.is_dir() {
         PRIVATE_DIR_MODE
     } else if meta.is_file() {
@@ -57,7 +67,12 @@ pub fn make_private(path: &Path) -> Result<()> {
         let entries = std::fs::read_dir(path).map_err(|e| Error::io("read directory", path, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("read directory", path, e))?;
-            make_private(&entry.path())?;
+            let p = entry.path();
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) => tighten(&p, &m, dev)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat", &p, e)),
+            }
         }
     }
     Ok(())

@@ -170,6 +170,8 @@ impl ReflinkBackend {
         match mounted_source(&canonical(&mnt)?)? {
             Some(source) if Path::new(&source) == data_dev => {
                 info!(mnt = %mnt.display(), "pool XFS already mounted");
+                // Device files of a pool made before the modes were set are 0644.
+                fsutil::make_private(&mnt)?;
             }
             Some(source) => {
                 return Err(Error::Inconsistent(format!(
