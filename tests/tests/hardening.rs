@@ -633,3 +633,96 @@ fn bind_socket_leaves_the_umask_alone() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Unmounts a test's bind mount on drop (also when the test fails).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Kills a helper process on drop.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Under a shared mount with a peer in another mount namespace (systemd's default for `/`,
+/// and a container runtime's namespace), the reflink XFS does not propagate into the peer,
+/// and teardown works (review #17).
+#[test]
+fn reflink_mount_does_not_propagate() {
+    if thinpool_tests::backend() != thinpool::BackendKind::Reflink {
+        return; // dm has no XFS mount of its own; the dm suite runs in the VM
+    }
+    use nix::mount::{MsFlags, mount};
+    let dir = pool_dir("propagation", false);
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    mount(
+        Some(&shared),
+        &shared,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _unmount = Unmount(shared.clone());
+    mount(
+        None::<&str>,
+        &shared,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .unwrap();
+    // A peer: a new mount namespace that keeps the shared propagation.
+    let peer = Kill(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "unchanged", "sleep", "300"])
+            .spawn()
+            .expect("unshare (util-linux)"),
+    );
+    let pid = peer.0.id();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() == Some(ours.clone())
+        || std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|e| !e.ends_with("sleep"))
+            .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unshare did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    let root = shared.join("pool");
+    let mut tp = TestPool::open(&small_spec(&root));
+    let mnt = std::fs::canonicalize(root.join("mnt")).unwrap();
+    let in_peer = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let propagated: Vec<&str> = in_peer
+        .lines()
+        .filter(|l| l.contains(&*mnt.to_string_lossy()) && l.contains(" - xfs "))
+        .collect();
+    assert!(
+        propagated.is_empty(),
+        "the pool XFS appeared in another namespace: {propagated:#?}"
+    );
+    // Teardown must not find the data loop device busy.
+    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tp.close(true)));
+    drop(peer);
+    closed.unwrap();
+    drop(tp);
+    let left = kernel_leftovers(&root);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+    drop(_unmount);
+    let _ = std::fs::remove_dir_all(&dir);
+}

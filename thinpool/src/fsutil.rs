@@ -183,7 +183,8 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
                 Some(dev),
                 scratch,
                 Some("xfs"),
-                MsFlags::empty(),
+                // A filesystem from a client's image: nothing on it runs or is a device.
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
                 Some("nouuid"),
             )
             .map_err(|e| Error::io("mount for resize", dev, e.into()))?;

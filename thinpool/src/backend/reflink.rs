@@ -173,6 +173,8 @@ impl ReflinkBackend {
                 // Device files of a pool made before the modes were set are 0644.
                 fsutil::make_private(&mnt)?;
             }
+            // Our private bind, left by a start that stopped before mounting the XFS.
+            Some(_) if is_own_bind(&canonical(&mnt)?)? => mount_xfs(&data_dev, &meta_dev, &mnt)?,
             Some(source) => {
                 return Err(Error::Inconsistent(format!(
                     "{} is mounted from {source}, not from the pool's data device {}",
@@ -223,9 +225,7 @@ impl ReflinkBackend {
         for (_, dev) in device_loops(&mnt.join(DEVICES_DIR))? {
             detach_unused(&dev)?;
         }
-        if mounted_source(&mnt)?.is_some() {
-            unmount(&mnt)?;
-        }
+        unmount_all(&mnt)?;
         for f in [&paths.data_file, &paths.metadata_file] {
             if f.exists()
                 && let Some(dev) = loopback::find(f)?
@@ -568,9 +568,7 @@ impl Backend for ReflinkBackend {
         if let Some(e) = first_err {
             return Err(e);
         }
-        if mounted_source(&self.mnt)?.is_some() {
-            unmount(&self.mnt)?;
-        }
+        unmount_all(&self.mnt)?;
         for f in [&self.data_file, &self.metadata_file] {
             if let Some(dev) = loopback::find(f)? {
                 detach_unused(&dev)?;
@@ -668,8 +666,12 @@ fn read_counter(mnt: &Path) -> Result<u64> {
     })
 }
 
-/// Mounts the pool's XFS at `mnt` with its external log, then makes the mount private so it
-/// does not propagate into other mount namespaces.
+/// Mounts the pool's XFS at `mnt` with its external log, on a private bind of `mnt` onto
+/// itself: a mount propagates by its parent's type, and `/var/lib` usually lies under a
+/// shared mount (systemd's default for `/`), so an XFS mounted straight there would appear
+/// in every peer namespace (container runtimes, services with their own namespaces), keep
+/// the data loop device busy there, and make teardown fail. The bind propagates, but it
+/// holds nothing of ours.
 ///
 /// Options: noatime and no devices, setuid or exec, as the XFS holds only device images.
 /// No online `discard`: blocks XFS frees (deleted devices) stay allocated in the data file
@@ -679,6 +681,19 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 /// the mount gives free space back to the host instead.
 fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
     fsutil::create_private_dir(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
+    let mnt = &canonical(mnt)?; // mountinfo has canonical paths
+    if !is_own_bind(mnt)? {
+        mount(Some(mnt), mnt, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| Error::io("bind the pool mount point onto itself", mnt, e.into()))?;
+    }
+    mount(
+        None::<&str>,
+        mnt,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("make the pool mount point private", mnt, e.into()))?;
     let opts = format!("logdev={}", meta_dev.display());
     let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(Some(data_dev), mnt, Some("xfs"), flags, Some(opts.as_str()))
@@ -696,6 +711,35 @@ fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
     fsutil::make_private(mnt)
 }
 
+/// Unmounts the pool's XFS and then the private bind under it (pools mounted before the
+/// bind existed have none).
+fn unmount_all(mnt: &Path) -> Result<()> {
+    for _ in 0..2 {
+        if mounted_source(mnt)?.is_none() {
+            break;
+        }
+        unmount(mnt)?;
+    }
+    Ok(())
+}
+
+/// Whether the visible mount at `mnt` is a bind of the directory's own filesystem: the
+/// private bind [`mount_xfs`] makes, without the XFS on it.
+fn is_own_bind(mnt: &Path) -> Result<bool> {
+    let Some((_, dev)) = visible_mount(mnt)? else {
+        return Ok(false);
+    };
+    let parent = mnt.parent().unwrap_or(Path::new("/"));
+    let st =
+        nix::sys::stat::stat(parent).map_err(|e| Error::io("stat", parent, io::Error::from(e)))?;
+    let parent_dev = format!(
+        "{}:{}",
+        nix::sys::stat::major(st.st_dev),
+        nix::sys::stat::minor(st.st_dev)
+    );
+    Ok(dev == parent_dev)
+}
+
 fn unmount(mnt: &Path) -> Result<()> {
     umount2(mnt, MntFlags::empty()).map_err(|e| match e {
         nix::errno::Errno::EBUSY => Error::FailedPrecondition(format!(
@@ -708,6 +752,11 @@ fn unmount(mnt: &Path) -> Result<()> {
 
 /// The source of the mount at `mnt` (canonical), if something is mounted there.
 fn mounted_source(mnt: &Path) -> Result<Option<String>> {
+    Ok(visible_mount(mnt)?.map(|(source, _)| source))
+}
+
+/// The source and `major:minor` of the visible mount at `mnt` (canonical), if any.
+fn visible_mount(mnt: &Path) -> Result<Option<(String, String)>> {
     let info = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
     // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
@@ -715,12 +764,14 @@ fn mounted_source(mnt: &Path) -> Result<Option<String>> {
     let mut found = None;
     for line in info.lines() {
         let mut fields = line.split(' ');
-        let Some(point) = fields.nth(4) else { continue };
+        let Some(dev) = fields.nth(2) else { continue };
+        let Some(point) = fields.nth(1) else { continue };
         if Path::new(&unescape_mountinfo(point)) != mnt {
             continue;
         }
         let mut rest = fields.skip_while(|f| *f != "-").skip(2);
-        found = Some(rest.next().map(unescape_mountinfo).unwrap_or_default());
+        let source = rest.next().map(unescape_mountinfo).unwrap_or_default();
+        found = Some((source, dev.to_string()));
     }
     Ok(found)
 }
