@@ -87,10 +87,12 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
     // rename into place: the socket is never reachable with a wider mode, and the
     // process-wide umask (which other threads' file creation uses) is never touched.
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let staging = dir
         .unwrap_or(Path::new("."))
-        .join(format!(".tp{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging); // left by a crashed start with our pid
+        .join(format!(".tp{}.{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging); // left by a crashed start with our pid and n
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&staging)

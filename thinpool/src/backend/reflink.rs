@@ -519,14 +519,14 @@ impl Backend for ReflinkBackend {
     }
 
     /// Extends the data file, refreshes its loop device, and grows the mounted XFS over it
-    /// with `xfs_growfs` (online: device files stay attached and mounted). `xfs_growfs` of
-    /// an XFS that fills its device already changes nothing, which makes this idempotent.
+    /// (online: device files stay attached and mounted). Growing an XFS that fills its
+    /// device already changes nothing, which makes this idempotent.
     /// The low water mark is reported only (`status`), from the autoextend policy.
     fn grow_data(&self, size: Bytes, _low_water_mark: DataBlocks) -> Result<()> {
         loopback::extend(&self.data_file, size.0)?;
         failpoint::hit("grow:after_file");
         loopback::ensure_capacity(&self.data_dev, size.0)?;
-        fsutil::run("xfs_growfs", &["-d".as_ref(), self.mnt.as_os_str()])?;
+        grow_xfs_data(&self.mnt, size.0)?;
         info!(size = %size, mnt = %self.mnt.display(), "pool XFS grown");
         Ok(())
     }
@@ -709,6 +709,66 @@ fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
     // The XFS root is 0755 from mkfs, and pools made before the modes were set have 0644
     // device files: only root may read container data.
     fsutil::make_private(mnt)
+}
+
+/// `XFS_IOC_FSGEOMETRY_V1`'s answer (the kernel's `struct xfs_fsop_geom_v1`).
+#[repr(C)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    logblocks: u32,
+    sectsize: u32,
+    inodesize: u32,
+    imaxpct: u32,
+    datablocks: u64,
+    rtblocks: u64,
+    rtextents: u64,
+    logstart: u64,
+    uuid: [u8; 16],
+    sunit: u32,
+    swidth: u32,
+    version: i32,
+    flags: u32,
+    logsectsize: u32,
+    rtsectsize: u32,
+    dirblocksize: u32,
+}
+
+/// `XFS_IOC_FSGROWFSDATA`'s request (the kernel's `struct xfs_growfs_data`).
+#[repr(C)]
+struct XfsGrowfsData {
+    newblocks: u64,
+    imaxpct: u32,
+}
+
+nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, XfsGrowfsData);
+
+/// Grows the XFS mounted at `mnt` to `size` bytes of data (what `xfs_growfs -d` does), by
+/// ioctl: `xfs_growfs` finds its filesystem by mount point in the mount table, where the
+/// private bind under the XFS (see [`mount_xfs`]) comes first. No-op when the XFS is that
+/// large already; the kernel leaves out a last allocation group too small to hold.
+fn grow_xfs_data(mnt: &Path, size: u64) -> Result<()> {
+    let dir = File::open(mnt).map_err(|e| io_error("open pool XFS", mnt, e))?;
+    // SAFETY: all-zero is a valid value of this plain-data struct, which the kernel fills.
+    let mut geo: XfsGeometryV1 = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one XfsGeometryV1 (the kernel ABI layout) into `geo`.
+    unsafe { xfs_geometry_v1(dir.as_raw_fd(), &mut geo) }
+        .map_err(|e| Error::io("read the XFS geometry", mnt, e.into()))?;
+    let newblocks = size / u64::from(geo.blocksize.max(1));
+    if newblocks <= geo.datablocks {
+        return Ok(());
+    }
+    let req = XfsGrowfsData {
+        newblocks,
+        imaxpct: geo.imaxpct,
+    };
+    // SAFETY: the ioctl reads one XfsGrowfsData (the kernel ABI layout) from `req`.
+    unsafe { xfs_growfs_data(dir.as_raw_fd(), &req) }
+        .map_err(|e| Error::io("grow the pool XFS", mnt, e.into()))?;
+    Ok(())
 }
 
 /// Unmounts the pool's XFS and then the private bind under it (pools mounted before the
