@@ -643,19 +643,10 @@ impl Drop for Unmount {
     }
 }
 
-/// Kills a helper process on drop.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Under a shared mount with a peer in another mount namespace (systemd's default for `/`,
-/// and a container runtime's namespace), the reflink XFS does not propagate into the peer,
-/// and teardown works (review #17).
+/// Under a shared mount (systemd's default for `/`) with a peer (here a second bind in
+/// the same peer group; a container runtime's namespace is one too), the reflink XFS does not
+/// propagate into the peer, and teardown works (review #17). The peer lives in this
+/// namespace, so that no other test's (or engineer's) mounts get copied anywhere.
 #[test]
 fn reflink_mount_does_not_propagate() {
     if thinpool_tests::backend() != thinpool::BackendKind::Reflink {
@@ -664,7 +655,9 @@ fn reflink_mount_does_not_propagate() {
     use nix::mount::{MsFlags, mount};
     let dir = pool_dir("propagation", false);
     let shared = dir.join("shared");
+    let peer = dir.join("peer");
     std::fs::create_dir_all(&shared).unwrap();
+    std::fs::create_dir_all(&peer).unwrap();
     mount(
         Some(&shared),
         &shared,
@@ -673,7 +666,7 @@ fn reflink_mount_does_not_propagate() {
         None::<&str>,
     )
     .unwrap();
-    let _unmount = Unmount(shared.clone());
+    let _unmount_shared = Unmount(shared.clone());
     mount(
         None::<&str>,
         &shared,
@@ -682,47 +675,41 @@ fn reflink_mount_does_not_propagate() {
         None::<&str>,
     )
     .unwrap();
-    // A peer: a new mount namespace that keeps the shared propagation.
-    let peer = Kill(
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "unchanged", "sleep", "300"])
-            .spawn()
-            .expect("unshare (util-linux)"),
-    );
-    let pid = peer.0.id();
-    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() == Some(ours.clone())
-        || std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|e| !e.ends_with("sleep"))
-            .unwrap_or(true)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "unshare did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // A bind of a shared mount joins its peer group: mounts under one appear under the other.
+    mount(
+        Some(&shared),
+        &peer,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _unmount_peer = Unmount(peer.clone());
 
     let root = shared.join("pool");
     let mut tp = TestPool::open(&small_spec(&root));
-    let mnt = std::fs::canonicalize(root.join("mnt")).unwrap();
-    let in_peer = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let propagated: Vec<&str> = in_peer
+    let in_peer = std::fs::canonicalize(&peer)
+        .unwrap()
+        .join("pool")
+        .join("mnt");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let propagated: Vec<&str> = mountinfo
         .lines()
-        .filter(|l| l.contains(&*mnt.to_string_lossy()) && l.contains(" - xfs "))
+        .filter(|l| l.contains(&*in_peer.to_string_lossy()) && l.contains(" - xfs "))
         .collect();
+    if !propagated.is_empty() {
+        // Leave nothing behind before failing: the copy keeps the data loop busy.
+        let _ = nix::mount::umount2(&in_peer, nix::mount::MntFlags::MNT_DETACH);
+    }
     assert!(
         propagated.is_empty(),
-        "the pool XFS appeared in another namespace: {propagated:#?}"
+        "the pool XFS appeared under the peer: {propagated:#?}"
     );
-    // Teardown must not find the data loop device busy.
-    let closed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tp.close(true)));
-    drop(peer);
-    closed.unwrap();
+    tp.close(true); // teardown must not find the data loop device busy
     drop(tp);
     let left = kernel_leftovers(&root);
     assert!(left.is_empty(), "left behind: {left:#?}");
-    drop(_unmount);
+    drop(_unmount_peer);
+    drop(_unmount_shared);
     let _ = std::fs::remove_dir_all(&dir);
 }
