@@ -1430,7 +1430,9 @@ fn grow_error(e: Error, fs: FsType, size: Bytes) -> Error {
     };
     let stderr: String = stderr
         .lines()
-        .filter(|l| !l.contains("e2fsck") && !l.trim().is_empty())
+        .filter(|l| {
+            !l.contains("e2fsck") && !l.contains("aborted resize") && !l.trim().is_empty()
+        })
         .collect::<Vec<_>>()
         .join("; ");
     let limit = [
@@ -1738,5 +1740,39 @@ mod tests {
         let s: PoolSettings = serde_json::from_value(v).unwrap();
         assert_eq!(s.min_free_space, PoolSettings::DEFAULT_MIN_FREE_SPACE);
         assert_eq!(s.autoextend_data, AutoextendPolicy::OFF);
+    }
+
+    #[test]
+    fn grow_error_for_a_size_the_filesystem_cannot_have() {
+        // What resize2fs says for 100T on ext4 (probe D5); the snapshot is rolled back.
+        let e = grow_error(
+            Error::Command {
+                program: "resize2fs".into(),
+                status: "exit status: 1".into(),
+                stderr: "resize2fs 1.47.0 (5-Feb-2023)\nresize2fs: New size results in too \
+                         many inodes: inodes (6710878208) must be less than 4294967295\n\
+                         Please run 'e2fsck -fy /dev/loop19' to fix the filesystem\n\
+                         after the aborted resize operation."
+                    .into(),
+            },
+            FsType::Ext4,
+            Bytes::gib(100 << 10),
+        );
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("must be less than"), "{msg}");
+        assert!(!msg.contains("e2fsck") && !msg.contains("aborted"), "{msg}");
+        // Other failures keep their kind, without the repair advice either.
+        let e = grow_error(
+            Error::Command {
+                program: "resize2fs".into(),
+                status: "exit status: 1".into(),
+                stderr: "resize2fs: Input/output error\nPlease run 'e2fsck -fy /dev/loop3'".into(),
+            },
+            FsType::Ext4,
+            Bytes::gib(8),
+        );
+        assert_eq!(e.kind(), crate::ErrorKind::Internal, "{e}");
+        assert!(!e.to_string().contains("e2fsck"), "{e}");
     }
 }
