@@ -27,8 +27,9 @@ pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinpool.size";
 /// Snapshots per List stream message (containerd's snapshotservice sends 100 too).
 const LIST_BATCH: usize = 100;
 /// ... and at most about this much of the store per List message (labels may take 256 KiB
-/// per snapshot; a message must stay below the 16 MiB limit).
-const LIST_PAGE_BYTES: usize = 1 << 20;
+/// per snapshot; a message must stay below the 16 MiB limit). An unread List holds a few
+/// pages (the page read, the message queued, the one being encoded).
+const LIST_PAGE_BYTES: usize = 256 << 10;
 
 /// How often the background reclaimer runs even if no Remove woke it.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(60);

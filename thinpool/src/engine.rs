@@ -1430,9 +1430,7 @@ fn grow_error(e: Error, fs: FsType, size: Bytes) -> Error {
     };
     let stderr: String = stderr
         .lines()
-        .filter(|l| {
-            !l.contains("e2fsck") && !l.contains("aborted resize") && !l.trim().is_empty()
-        })
+        .filter(|l| !l.contains("e2fsck") && !l.contains("aborted resize") && !l.trim().is_empty())
         .collect::<Vec<_>>()
         .join("; ");
     let limit = [
