@@ -3,8 +3,9 @@
 //!
 //! Start-up: read and check the settings (flags over `--config` TOML over defaults), bind
 //! the metrics address and the socket, create or open the pool (reassembling it after a
-//! restart or a reboot, reconciling unfinished operations), serve. SIGTERM/SIGINT: stop accepting, let in-flight
-//! requests finish, exit; devices stay active for the containers using them.
+//! restart or a reboot, reconciling unfinished operations), serve. SIGTERM/SIGINT: stop
+//! accepting, let in-flight requests finish, exit; devices stay active for the containers
+//! using them.
 
 use std::path::PathBuf;
 
