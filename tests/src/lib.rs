@@ -284,3 +284,26 @@ pub fn verify_files(dir: &Path, files: &[(String, String)]) {
         );
     }
 }
+
+/// Loop devices whose backing file, and mounts whose mount point, lie under `dir`: what a
+/// test must not leave behind.
+pub fn kernel_leftovers(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let backing = e.path().join("loop/backing_file");
+        if let Ok(f) = fs::read_to_string(&backing)
+            && f.contains(&d)
+        {
+            out.push(format!("{}: {}", e.file_name().to_string_lossy(), f.trim()));
+        }
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    out.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&d))
+            .map(str::to_string),
+    );
+    out
+}
