@@ -431,9 +431,6 @@ impl Drop for Unmount {
 /// namespace, so that no other test's (or engineer's) mounts get copied anywhere.
 #[test]
 fn reflink_mount_does_not_propagate() {
-    if thinpool_tests::backend() != thinpool::BackendKind::Reflink {
-        return; // dm has no XFS mount of its own; the dm suite runs in the VM
-    }
     use nix::mount::{MsFlags, mount};
     let dir = pool_dir("propagation", false);
     let shared = dir.join("shared");
@@ -469,7 +466,11 @@ fn reflink_mount_does_not_propagate() {
     let _unmount_peer = Unmount(peer.clone());
 
     let root = shared.join("pool");
-    let mut tp = TestPool::open(&small_spec(&root));
+    // Reflink whatever the suite's backend: dm has no mount of its own.
+    let mut tp = TestPool::open(&PoolSpec {
+        backend: Some(thinpool::BackendKind::Reflink),
+        ..small_spec(&root)
+    });
     let in_peer = std::fs::canonicalize(&peer)
         .unwrap()
         .join("pool")
