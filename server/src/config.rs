@@ -85,6 +85,10 @@ pub struct FileConfig {
     pub metadata_autoextend_max: Option<SizeValue>,
     #[serde(alias = "metrics_per_device")]
     pub metrics_per_device: Option<bool>,
+    #[serde(alias = "max_device_overcommit")]
+    pub max_device_overcommit: Option<f64>,
+    #[serde(alias = "overcommit_host")]
+    pub overcommit_host: Option<bool>,
 }
 
 impl FileConfig {
@@ -127,6 +131,9 @@ pub struct Flags {
     pub metadata_autoextend_max: Option<Bytes>,
     /// `--metrics-per-device` given (a switch: `false` means "not given").
     pub metrics_per_device: bool,
+    pub max_device_overcommit: Option<f64>,
+    /// `--overcommit-host` given.
+    pub overcommit_host: bool,
 }
 
 /// Which backend to use.
@@ -161,6 +168,10 @@ pub struct Config {
     pub autoextend_metadata: Option<AutoextendPolicy>,
     /// Export each device's mapped bytes on /metrics (one series per device).
     pub metrics_per_device: bool,
+    /// The size label may ask for at most the pool's data size times this.
+    pub max_device_overcommit: f64,
+    /// Create a new pool even if its files could outgrow the host filesystem's free space.
+    pub overcommit_host: bool,
 }
 
 fn percent(key: &'static str, v: Option<PercentValue>) -> Result<Option<Percent>, ConfigError> {
@@ -282,7 +293,21 @@ impl Config {
                 file.metadata_autoextend_max,
             ),
         )?;
+        let max_device_overcommit = flags
+            .max_device_overcommit
+            .or(file.max_device_overcommit)
+            .unwrap_or(crate::DEFAULT_MAX_DEVICE_OVERCOMMIT);
+        if !(max_device_overcommit.is_finite() && max_device_overcommit > 0.0)
+            || max_device_overcommit > 1000.0
+        {
+            return Err(ConfigError::Value {
+                key: "max-device-overcommit",
+                message: format!("{max_device_overcommit}: must be above 0 and at most 1000"),
+            });
+        }
         Ok(Config {
+            max_device_overcommit,
+            overcommit_host: flags.overcommit_host || file.overcommit_host.unwrap_or(false),
             min_free_space,
             autoextend_data,
             autoextend_metadata,

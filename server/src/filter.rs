@@ -19,8 +19,42 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
+/// Filter strings per List (OR'ed); containerd sends one or two.
+pub const MAX_FILTERS: usize = 64;
+/// Bytes of all filter strings of one List: room for a 1 KiB label key and a 4 KiB value in
+/// each of several filters.
+pub const MAX_FILTER_BYTES: usize = 64 << 10;
+/// Selectors (`a==b`) in all filters of one List: each one is checked against every
+/// snapshot.
+pub const MAX_SELECTORS: usize = 256;
+/// Parts of one field path (`labels.a.b` has 3).
+pub const MAX_PATH_DEPTH: usize = 32;
+/// Bytes of a client's filter quoted back in an error.
+pub const ECHO_LIMIT: usize = 128;
+
+/// `f`, cut to [`ECHO_LIMIT`] bytes (at a character boundary) with its length noted.
+fn echo(f: &str) -> String {
+    if f.len() <= ECHO_LIMIT {
+        return f.to_string();
+    }
+    let mut end = ECHO_LIMIT;
+    while !f.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &f[..end], f.len())
+}
+
+/// ` "<filter>"`, or nothing for an error about all filters together (`filter` empty).
+fn quoted(filter: &str) -> String {
+    if filter.is_empty() {
+        String::new()
+    } else {
+        format!(" {filter:?}")
+    }
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("filter {filter:?}: {message}")]
+#[error("filter{}: {message}", quoted(.filter))]
 pub struct FilterError {
     pub filter: String,
     pub message: String,
@@ -67,14 +101,48 @@ impl Fields<'_> {
 pub struct Filters(Vec<Vec<Selector>>);
 
 impl Filters {
+    /// Parses `filters`, within the bounds that keep a List's cost small ([`MAX_FILTERS`],
+    /// [`MAX_FILTER_BYTES`], [`MAX_SELECTORS`], [`MAX_PATH_DEPTH`]). Errors quote at most
+    /// [`ECHO_LIMIT`] bytes of the client's filter.
     pub fn parse<S: AsRef<str>>(filters: &[S]) -> Result<Filters, FilterError> {
+        let too_big = |message: String| FilterError {
+            filter: String::new(),
+            message,
+        };
+        if filters.len() > MAX_FILTERS {
+            return Err(too_big(format!(
+                "{} filters; the limit is {MAX_FILTERS}",
+                filters.len()
+            )));
+        }
+        let bytes: usize = filters.iter().map(|f| f.as_ref().len()).sum();
+        if bytes > MAX_FILTER_BYTES {
+            return Err(too_big(format!(
+                "filters of {bytes} bytes; the limit is {MAX_FILTER_BYTES}"
+            )));
+        }
         let mut out = Vec::new();
+        let mut selectors = 0;
         for f in filters {
             let f = f.as_ref();
-            let sels = parse_one(f).map_err(|message| FilterError {
-                filter: f.to_string(),
+            let err = |message| FilterError {
+                filter: echo(f),
                 message,
-            })?;
+            };
+            let sels = parse_one(f).map_err(err)?;
+            selectors += sels.len();
+            if selectors > MAX_SELECTORS {
+                return Err(too_big(format!(
+                    "more than {MAX_SELECTORS} selectors in all"
+                )));
+            }
+            if let Some(s) = sels.iter().find(|s| s.path.len() > MAX_PATH_DEPTH) {
+                return Err(err(format!(
+                    "a field path of {} parts; the limit is {MAX_PATH_DEPTH} (quote label keys \
+                     that contain dots)",
+                    s.path.len()
+                )));
+            }
             out.push(sels);
         }
         Ok(Filters(out))

@@ -13,7 +13,7 @@ pub mod service;
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use thinpool_proto::admin::admin_server::AdminServer;
@@ -22,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::info;
 
-pub use service::{SIZE_LABEL, Service, StaticInfo};
+pub use service::{DEFAULT_MAX_DEVICE_OVERCOMMIT, SIZE_LABEL, Service, StaticInfo};
 
 /// How often the space monitor checks the pool besides the kernel's events.
 pub const MONITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
@@ -84,16 +84,36 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("stat", path)(e)),
     }
-    // Create the socket without group/other access from the start, then open it to the group.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound.map_err(io_err("bind", path))?;
-    if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| io_err("chown", path)(e.into()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(io_err("chmod", path))?;
+    // Bind inside a fresh 0700 directory next to `path`, set the owner and mode there, then
+    // rename into place: the socket is never reachable with a wider mode, and the
+    // process-wide umask (which other threads' file creation uses) is never touched.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staging = dir
+        .unwrap_or(Path::new("."))
+        .join(format!(".tp{}.{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging); // left by a crashed start with our pid and n
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io_err("create staging directory", &staging))?;
+    let tmp = staging.join("s");
+    let placed = (|| {
+        let listener =
+            std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err("bind", &tmp))?;
+        if let Some(gid) = gid {
+            nix::unistd::chown(&tmp, None, Some(gid))
+                .map_err(|e| io_err("chown", &tmp)(e.into()))?;
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+            .map_err(io_err("chmod", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err("move socket into place at", path))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&staging);
+    let listener = placed?;
     listener
         .set_nonblocking(true)
         .map_err(io_err("set non-blocking", path))?;

@@ -1,12 +1,13 @@
 //! thinpoold: keeps a thin pool open and serves it over a unix socket: containerd's
 //! snapshots.v1 proxy-snapshotter API and thinpool's admin API (`thinctl` talks to both).
 //!
-//! Start-up: read the settings (flags over `--config` TOML over defaults), create or open
-//! the pool (reassembling it after a restart or a reboot, reconciling unfinished
-//! operations), bind the socket, serve. SIGTERM/SIGINT: stop accepting, let in-flight
-//! requests finish, exit; devices stay active for the containers using them. The admin
-//! TakeDown request (`thinctl pool down`) takes the pool down, then the daemon exits the same
-//! way. Under systemd (`Type=notify`) it sends READY=1 once serving and STOPPING=1 on stop.
+//! Start-up: read and check the settings (flags over `--config` TOML over defaults), bind
+//! the metrics address and the socket, create or open the pool (reassembling it after a
+//! restart or a reboot, reconciling unfinished operations), serve. SIGTERM/SIGINT: stop
+//! accepting, let in-flight requests finish, exit; devices stay active for the containers
+//! using them. The admin TakeDown request (`thinctl pool down`) takes the pool down, then the
+//! daemon exits the same way. Under systemd (`Type=notify`) it sends READY=1 once serving
+//! and STOPPING=1 on stop.
 
 use std::path::PathBuf;
 
@@ -85,6 +86,14 @@ struct Args {
     /// series per device, so off by default.
     #[arg(long)]
     metrics_per_device: bool,
+    /// The size label (containerd.io/snapshot/thinpool.size) may ask for at most the pool's
+    /// data size times this [default: 1.0]
+    #[arg(long, value_name = "FACTOR")]
+    max_device_overcommit: Option<f64>,
+    /// Create a new pool even if its files (data + metadata) could come to take more than the
+    /// host filesystem has free; refused otherwise.
+    #[arg(long)]
+    overcommit_host: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -94,6 +103,46 @@ fn library_version(kind: BackendKind) -> String {
             Err(e) => format!("unknown ({e})"),
         },
         BackendKind::Reflink => String::new(),
+    }
+}
+
+/// Opens (or creates) the pool, naming the likely cause when another daemon holds it.
+async fn open_pool(spec: PoolSpec, root: &std::path::Path) -> Result<AsyncPool> {
+    match AsyncPool::open(spec).await {
+        Ok(p) => Ok(p),
+        Err(e) if e.to_string().contains("another process holds the pool") => {
+            bail!(
+                "{e}: is another thinpoold running on {}? Only one daemon may serve a pool.",
+                root.display()
+            )
+        }
+        Err(e) => Err(e).with_context(|| format!("opening the pool at {}", root.display())),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: the metrics port, the gRPC
+/// socket, loop devices and the store share one fd table, and a shell's usual soft limit
+/// (1024) is soon reached on a busy host.
+fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `rl`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not read the open-files limit");
+        return;
+    }
+    if rl.rlim_cur >= rl.rlim_max {
+        return;
+    }
+    let from = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    // SAFETY: setrlimit reads one rlimit from `rl`.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not raise the open-files limit");
+    } else {
+        info!(from, to = rl.rlim_max, "raised the open-files limit");
     }
 }
 
@@ -130,8 +179,11 @@ async fn main() -> Result<()> {
         metadata_autoextend_percent: args.metadata_autoextend_percent,
         metadata_autoextend_max: args.metadata_autoextend_max,
         metrics_per_device: args.metrics_per_device,
+        max_device_overcommit: args.max_device_overcommit,
+        overcommit_host: args.overcommit_host,
     };
     let config = Config::merge(flags, file)?;
+    raise_fd_limit();
     let backend = match config.backend {
         BackendChoice::Auto => {
             let (kind, why) = thinpool::backend::detect();
@@ -152,19 +204,30 @@ async fn main() -> Result<()> {
         min_free_space: config.min_free_space,
         autoextend_data: config.autoextend_data,
         autoextend_metadata: config.autoextend_metadata,
+        overcommit_host: config.overcommit_host,
         ..PoolSpec::default()
     };
-    let pool = match AsyncPool::open(spec).await {
+    // Refuse bad settings before anything is created (the root, its lock).
+    thinpool::check_spec_settings(&spec).context("checking the settings")?;
+    // Bind both listeners before creating or assembling the pool: a start that fails on a
+    // busy socket or port then leaves nothing behind (no new pool, loop device or mount).
+    let metrics_listener = if config.metrics_addr.is_empty() {
+        info!("metrics endpoint disabled (empty --metrics-addr)");
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&config.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
+        Some(l)
+    };
+    let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
+        .context("setting up the socket")?;
+    let pool = match open_pool(spec, &config.root).await {
         Ok(p) => p,
-        Err(e) if e.to_string().contains("another process holds the pool") => {
-            bail!(
-                "{e}: is another thinpoold running on {}? Only one daemon may serve a pool.",
-                config.root.display()
-            )
-        }
         Err(e) => {
-            return Err(e)
-                .with_context(|| format!("opening the pool at {}", config.root.display()));
+            // Ours: bind_socket just made it (a live one is refused, not replaced).
+            let _ = std::fs::remove_file(&config.socket);
+            return Err(e);
         }
     };
     let status = pool.status().await?;
@@ -189,31 +252,28 @@ async fn main() -> Result<()> {
     }
     let grpc_metrics = std::sync::Arc::new(thinpool_server::grpc_metrics::GrpcMetrics::default());
     let mut metrics_url = None;
-    let metrics_task = if config.metrics_addr.is_empty() {
-        info!("metrics endpoint disabled (empty --metrics-addr)");
-        None
-    } else {
-        let l = tokio::net::TcpListener::bind(&config.metrics_addr)
-            .await
-            .with_context(|| format!("binding the metrics address {}", config.metrics_addr))?;
-        metrics_url = l.local_addr().ok().map(|a| format!("http://{a}/metrics"));
-        info!(addr = %config.metrics_addr, per_device = config.metrics_per_device,
-            "serving /metrics");
+    let metrics_task = metrics_listener.map(|l| {
+        // The bound address, which differs from the flag's with port 0.
+        let addr = l
+            .local_addr()
+            .map_or_else(|_| config.metrics_addr.clone(), |a| a.to_string());
+        metrics_url = Some(format!("http://{addr}/metrics"));
+        info!(addr = %addr, per_device = config.metrics_per_device,
+            "serving /metrics and /healthz");
         let exporter = thinpool_server::metrics::Exporter::new(
             pool.clone(),
             grpc_metrics.clone(),
             config.metrics_per_device,
         );
-        Some(tokio::spawn(thinpool_server::metrics::serve(l, exporter)))
-    };
-    let listener = thinpool_server::bind_socket(&config.socket, config.socket_group.as_deref())
-        .context("setting up the socket")?;
+        tokio::spawn(thinpool_server::metrics::serve(l, exporter))
+    });
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
 
     let service = Service::new(
         pool,
         StaticInfo {
             library_version: library_version(backend),
+            max_device_overcommit: Some(config.max_device_overcommit),
         },
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

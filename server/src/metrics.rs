@@ -1,7 +1,9 @@
 //! The Prometheus `/metrics` endpoint: pool figures gathered at scrape time (one status
 //! call and one device listing, on a blocking thread), the engine's counters and latency
-//! histograms, the gRPC request counts, and (opt-in) each device's mapped bytes. Served
-//! over plain HTTP/1 by a small tokio handler: one request per connection.
+//! histograms, the gRPC request counts, and (opt-in) each device's mapped bytes; and
+//! `/healthz` for liveness probes. Served over HTTP/1 by hyper, bounded so that any local
+//! user (the port is reachable by all of them) cannot use it to stall the daemon: see
+//! [`Limits`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,9 +15,19 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
 use thinpool::{AsyncPool, DeviceKind, DeviceRecord, HistogramSnapshot, Operation, PoolStatus};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thinpool::PoolMode;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::grpc_metrics::{GrpcMetrics, RequestCount};
@@ -28,7 +40,13 @@ pub struct Exporter {
     /// Export `thinpool_device_mapped_bytes` per device: one series per device, so off by
     /// default (a busy host has thousands of snapshots).
     per_device: bool,
+    /// The last render and when it started: one render runs at a time, and a scrape that
+    /// waited for it takes its result (see [`Exporter::render_shared`]).
+    last: Arc<tokio::sync::Mutex<Option<(Instant, Rendered)>>>,
 }
+
+/// One render's outcome, shared by the scrapes that waited for it.
+pub type Rendered = Arc<Result<String, String>>;
 
 fn gauge(reg: &mut Registry, name: &str, help: &str, v: u64) {
     let g = Gauge::<i64>::default();
@@ -130,6 +148,46 @@ impl Exporter {
             pool,
             grpc,
             per_device,
+            last: Arc::default(),
+        }
+    }
+
+    /// [`Exporter::render`], at most one at a time: concurrent scrapes share the render
+    /// that started after they asked (so each gets figures at least as new as its request),
+    /// and hold no blocking thread while they wait.
+    pub async fn render_shared(&self) -> Rendered {
+        let asked = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((started, out)) = last.as_ref()
+            && *started >= asked
+        {
+            return out.clone();
+        }
+        let started = Instant::now();
+        let out = Arc::new(self.render().await);
+        *last = Some((started, out.clone()));
+        out
+    }
+
+    /// The pool's health for liveness probes: `Ok(mode)` while it serves writes (read-write,
+    /// or out of data space, which a grow fixes), `Err(why)` when the pool is failed,
+    /// read-only, needs a check, or its status cannot be read.
+    pub async fn health(&self) -> Result<String, String> {
+        let st = self
+            .pool
+            .status()
+            .await
+            .map_err(|e| format!("pool status: {e}"))?;
+        let k = &st.kernel;
+        if k.needs_check {
+            return Err(format!(
+                "pool mode {}; its metadata needs a check (restart thinpoold to run it)",
+                k.mode
+            ));
+        }
+        match k.mode {
+            PoolMode::Rw | PoolMode::OutOfDataSpace => Ok(k.mode.to_string()),
+            PoolMode::Ro | PoolMode::Fail => Err(format!("pool mode {}", k.mode)),
         }
     }
 
@@ -353,61 +411,187 @@ impl Exporter {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Bounds on the HTTP server: any local user can reach it.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections held at once. When full, a new connection takes the place of the oldest
+    /// one that has not sent its request yet; if every one is busy answering, it is closed
+    /// at once. So idle connections never exhaust the daemon's fds, and cannot lock out a
+    /// scrape either.
+    pub max_connections: usize,
+    /// Time to send the request head (there is no keep-alive: one request per connection,
+    /// so this is also the idle timeout).
+    pub header_timeout: Duration,
+    /// Time for a whole connection, a slow reader of the response included.
+    pub connection_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The open connections, and which of them still wait for their request (oldest first).
+#[derive(Default)]
+struct Conns {
+    open: usize,
+    next_id: u64,
+    waiting: VecDeque<(u64, Arc<Notify>)>,
+}
+
+type Shared = Arc<std::sync::Mutex<Conns>>;
+
+fn lock(c: &Shared) -> std::sync::MutexGuard<'_, Conns> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One open connection's place; frees it when the connection ends, however it ends.
+struct Slot {
+    conns: Shared,
+    id: u64,
+}
+
+impl Slot {
+    /// The request arrived: the connection may no longer be evicted for a newcomer.
+    fn busy(&self) {
+        lock(&self.conns).waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = lock(&self.conns);
+        c.open -= 1;
+        c.waiting.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Takes a place for a new connection, evicting the oldest waiting one when full; `None`
+/// when every place is busy answering.
+fn admit(conns: &Shared, max: usize) -> Option<(Slot, Arc<Notify>)> {
+    let mut c = lock(conns);
+    if c.open >= max {
+        let (_, oldest) = c.waiting.pop_front()?;
+        // A stored permit: the connection's task sees it even if it is not waiting yet.
+        oldest.notify_one();
+    }
+    c.open += 1;
+    c.next_id += 1;
+    let id = c.next_id;
+    let evict = Arc::new(Notify::new());
+    c.waiting.push_back((id, evict.clone()));
+    Some((
+        Slot {
+            conns: conns.clone(),
+            id,
+        },
+        evict,
+    ))
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn handle(exporter: &Exporter, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => match &*exporter.render_shared().await {
+            Ok(body) => {
+                let mut r = text(StatusCode::OK, body.clone());
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        "/healthz" => match exporter.health().await {
+            Ok(mode) => text(StatusCode::OK, format!("ok: pool mode {mode}\n")),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "see /metrics or /healthz\n".into()),
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` with the default [`Limits`] until
+/// the task is dropped.
 pub async fn serve(listener: TcpListener, exporter: Exporter) {
+    serve_with(listener, exporter, Limits::default()).await
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(listener: TcpListener, exporter: Exporter, limits: Limits) {
+    let conns = Shared::default();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(false)
+        .max_buf_size(64 << 10);
+    let builder = Arc::new(builder);
+    let mut last_accept_warning: Option<Instant> = None;
     loop {
-        let (mut conn, peer) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // Out of fds (the engine's problem too): say so, at most once a minute.
+                if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    warn!(error = %e, "metrics: accept failed");
+                    last_accept_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some((slot, evict)) = admit(&conns, limits.max_connections) else {
+            debug!(%peer, "metrics: every connection is busy; closing a new one");
+            drop(stream);
+            continue;
+        };
         let exporter = exporter.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (we ignore any body).
-            while n < buf.len() {
-                match conn.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(m) => n += m,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let line = head.lines().next().unwrap_or("");
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let path = path.split('?').next().unwrap_or("");
-            let (status, ctype, body) = if method != "GET" {
-                (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET only\n".to_string(),
-                )
-            } else if path != "/metrics" {
-                ("404 Not Found", "text/plain", "see /metrics\n".to_string())
-            } else {
-                match exporter.render().await {
-                    Ok(b) => (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        b,
-                    ),
-                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
-                }
+            let slot = Arc::new(slot);
+            let service = {
+                let slot = slot.clone();
+                hyper::service::service_fn(move |req: Request<Incoming>| {
+                    slot.busy();
+                    let exporter = exporter.clone();
+                    async move {
+                        let resp = handle(&exporter, &req).await;
+                        debug!(%peer, method = %req.method(), path = req.uri().path(),
+                            status = resp.status().as_u16(), "metrics");
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
             };
-            debug!(%peer, method, path, status, "metrics");
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = evict.notified() => debug!(%peer, "metrics: idle connection evicted"),
+                r = tokio::time::timeout(limits.connection_timeout, conn) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%peer, error = %e, "metrics: connection"),
+                    Err(_) => debug!(%peer, "metrics: connection timed out"),
+                },
+            }
+            drop(slot);
         });
     }
 }

@@ -26,6 +26,10 @@ pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinpool.size";
 
 /// Snapshots per List stream message (containerd's snapshotservice sends 100 too).
 const LIST_BATCH: usize = 100;
+/// ... and at most about this much of the store per List message (labels may take 256 KiB
+/// per snapshot; a message must stay below the 16 MiB limit). An unread List holds a few
+/// pages (the page read, the message queued, the one being encoded).
+const LIST_PAGE_BYTES: usize = 256 << 10;
 
 /// How often the background reclaimer runs even if no Remove woke it.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(60);
@@ -115,7 +119,14 @@ fn traced<T>(rpc: &str, key: &str, start: Instant, r: Result<T, Status>) -> Resu
 pub struct StaticInfo {
     /// dm: the devicemapper crate's and the kernel's dm versions; reflink: empty.
     pub library_version: String,
+    /// The size label may ask for at most the pool's data size times this
+    /// (`--max-device-overcommit`); `None`: [`DEFAULT_MAX_DEVICE_OVERCOMMIT`].
+    pub max_device_overcommit: Option<f64>,
 }
+
+/// A device may be as large as the pool's data, by default: larger ones can only fill the
+/// pool (a filesystem grown to 60 TiB writes its metadata into a 1 GiB pool).
+pub const DEFAULT_MAX_DEVICE_OVERCOMMIT: f64 = 1.0;
 
 struct Inner {
     pool: AsyncPool,
@@ -190,6 +201,25 @@ impl Service {
         }
     }
 
+    /// Refuses a size label above what the pool could ever hold: its data size times the
+    /// overcommit factor.
+    fn check_size(&self, size: Bytes) -> Result<Bytes, Status> {
+        let factor = self
+            .inner
+            .static_info
+            .max_device_overcommit
+            .unwrap_or(DEFAULT_MAX_DEVICE_OVERCOMMIT);
+        let data = self.inner.pool.engine().settings().data_size;
+        let max = Bytes((data.0 as f64 * factor).min(u64::MAX as f64) as u64);
+        if size > max {
+            return Err(Status::invalid_argument(format!(
+                "label {SIZE_LABEL}: {size} is above the largest device this pool allows, \
+                 {max} (its data size {data} times --max-device-overcommit {factor})"
+            )));
+        }
+        Ok(size)
+    }
+
     /// Runs `f` with the engine on tokio's blocking pool: one hop per request, however
     /// many engine calls it makes.
     async fn blocking<T: Send + 'static>(
@@ -215,13 +245,13 @@ impl Service {
         } else {
             Some(name("parent", parent)?)
         };
-        let size = match labels.get(SIZE_LABEL) {
-            None => None,
-            Some(v) => Some(
-                v.parse::<Bytes>()
-                    .map_err(|e| Status::invalid_argument(format!("label {SIZE_LABEL}: {e}")))?,
-            ),
-        };
+        let size =
+            match labels.get(SIZE_LABEL) {
+                None => None,
+                Some(v) => Some(self.check_size(v.parse::<Bytes>().map_err(|e| {
+                    Status::invalid_argument(format!("label {SIZE_LABEL}: {e}"))
+                })?)?),
+            };
         let req = SnapshotRequest {
             name: key.clone(),
             parent: parent.clone(),
@@ -305,6 +335,91 @@ fn parent_name(engine: &Pool, parent: Option<ThinId>) -> Result<String, Status> 
 }
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, Status>> + Send>>;
+
+/// Streams the visible snapshots that match `filters`, one message per page of the store.
+/// Stops when the client goes away (the channel closes).
+async fn produce_list(
+    engine: Arc<Pool>,
+    filters: Filters,
+    tx: tokio::sync::mpsc::Sender<Result<pb::ListSnapshotsResponse, Status>>,
+) {
+    let filters = Arc::new(filters);
+    let mut after = None;
+    loop {
+        let (e, f) = (engine.clone(), filters.clone());
+        let page = match tokio::task::spawn_blocking(move || list_page(&e, &f, after)).await {
+            Ok(page) => page,
+            Err(e) => Err(Status::internal(format!("list task failed: {e}"))),
+        };
+        let (infos, last) = match page {
+            Ok(p) => p,
+            Err(st) => {
+                let _ = tx.send(Err(st)).await;
+                return;
+            }
+        };
+        if !infos.is_empty()
+            && tx
+                .send(Ok(pb::ListSnapshotsResponse { info: infos }))
+                .await
+                .is_err()
+        {
+            return; // the client went away
+        }
+        match last {
+            Some(id) => after = Some(id),
+            None => return,
+        }
+    }
+}
+
+/// One page of a List: the matching infos among the records after `after`, and the last id
+/// read (`None`: no records left).
+fn list_page(
+    engine: &Pool,
+    filters: &Filters,
+    after: Option<ThinId>,
+) -> Result<(Vec<pb::Info>, Option<ThinId>), Status> {
+    let records = engine
+        .devices_page(after, LIST_BATCH, LIST_PAGE_BYTES)
+        .map_err(status)?;
+    let mut parents: HashMap<ThinId, String> = records
+        .iter()
+        .filter(|r| r.kind != DeviceKind::Base)
+        .filter_map(|r| Some((r.id, r.name.as_ref()?.to_string())))
+        .collect();
+    let mut infos = Vec::new();
+    for rec in records.iter().filter(|r| visible(r)) {
+        let parent = match rec.parent {
+            None => String::new(),
+            Some(p) => match parents.get(&p) {
+                Some(n) => n.clone(),
+                None => {
+                    // A parent on another page; the base device has no name.
+                    let n = engine
+                        .device_by_id(p)
+                        .ok()
+                        .filter(|r| r.kind != DeviceKind::Base)
+                        .and_then(|r| r.name.map(|n| n.to_string()))
+                        .unwrap_or_default();
+                    parents.insert(p, n.clone());
+                    n
+                }
+            },
+        };
+        let i = info(rec, parent);
+        let keep = filters.matches(&Fields {
+            name: &i.name,
+            parent: &i.parent,
+            kind: kind_str(rec.kind),
+            labels: &i.labels,
+        });
+        if keep {
+            infos.push(i);
+        }
+    }
+    Ok((infos, records.last().map(|r| r.id)))
+}
 
 #[tonic::async_trait]
 impl Snapshots for Service {
@@ -515,37 +630,13 @@ impl Snapshots for Service {
         let res = async {
             let filters =
                 Filters::parse(&r.filters).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let records = self.inner.pool.devices().await.map_err(status)?;
-            let names: HashMap<ThinId, &DeviceRecord> = records.iter().map(|r| (r.id, r)).collect();
-            let mut infos = Vec::new();
-            for rec in records.iter().filter(|r| visible(r)) {
-                let parent = rec
-                    .parent
-                    .and_then(|p| names.get(&p))
-                    .filter(|p| p.kind != DeviceKind::Base)
-                    .and_then(|p| p.name.as_ref())
-                    .map(|n| n.to_string())
-                    .unwrap_or_default();
-                let i = info(rec, parent);
-                let keep = filters.matches(&Fields {
-                    name: &i.name,
-                    parent: &i.parent,
-                    kind: kind_str(rec.kind),
-                    labels: &i.labels,
-                });
-                if keep {
-                    infos.push(i);
-                }
-            }
-            debug!(rpc = "List", filters = ?r.filters, found = infos.len());
-            let mut batches = Vec::with_capacity(infos.len() / LIST_BATCH + 1);
-            let mut it = infos.into_iter().peekable();
-            while it.peek().is_some() {
-                batches.push(Ok(pb::ListSnapshotsResponse {
-                    info: it.by_ref().take(LIST_BATCH).collect(),
-                }));
-            }
-            let stream: ListStream = Box::pin(tokio_stream::iter(batches));
+            // Filtering and reading run off the async workers, a page of the store at a
+            // time, into a one-message channel: a client that does not read holds a page or
+            // two, not the listing, and a costly filter delays only its own List.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(produce_list(self.inner.pool.engine().clone(), filters, tx));
+            debug!(rpc = "List", filters = r.filters.len());
+            let stream: ListStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(Response::new(stream))
         }
         .await;

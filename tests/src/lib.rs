@@ -285,28 +285,37 @@ pub fn verify_files(dir: &Path, files: &[(String, String)]) {
     }
 }
 
-/// What of a pool is still in the kernel: loop devices whose backing file is under `root`,
-/// mounts under `root`, and dm devices named for the pool's `tag` (`thinpool-<tag>-...`).
-/// Empty after a take-down.
+/// What of a pool is still in the kernel: [`kernel_leftovers_under`] `root`, and dm devices
+/// named for the pool's `tag` (`thinpool-<tag>-...`). Empty after a take-down.
 pub fn kernel_leftovers(root: &Path, tag: &str) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out = kernel_leftovers_under(root);
     let dm_prefix = format!("thinpool-{tag}-");
     for e in fs::read_dir("/sys/block").expect("/sys/block").flatten() {
-        let dev = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file"))
-            && Path::new(b.trim()).starts_with(root)
-        {
-            out.push(format!("loop device /dev/{dev} of {}", b.trim()));
-        }
         if let Ok(n) = fs::read_to_string(e.path().join("dm/name"))
             && n.trim().starts_with(&dm_prefix)
         {
+            let dev = e.file_name().to_string_lossy().into_owned();
             out.push(format!("dm device {} (/dev/{dev})", n.trim()));
+        }
+    }
+    out
+}
+
+/// Loop devices whose backing file, and mounts whose mount point, lie under `dir`: what a
+/// test must not leave behind.
+pub fn kernel_leftovers_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/sys/block").expect("/sys/block").flatten() {
+        let dev = e.file_name().to_string_lossy().into_owned();
+        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file"))
+            && Path::new(b.trim()).starts_with(dir)
+        {
+            out.push(format!("loop device /dev/{dev} of {}", b.trim()));
         }
     }
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     for target in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)) {
-        if Path::new(target).starts_with(root) {
+        if Path::new(target).starts_with(dir) {
             out.push(format!("mount at {target}"));
         }
     }

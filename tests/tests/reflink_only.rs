@@ -257,12 +257,21 @@ fn pool_is_created_on_a_mounted_xfs() {
         "the XFS is mounted under the pool root"
     );
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = mountinfo
+    // Two mounts there: a private bind of the directory (so that the XFS never propagates
+    // into other namespaces), and the XFS on it, the visible one (listed last).
+    let at_mnt: Vec<&str> = mountinfo
         .lines()
-        .find(|l| {
+        .filter(|l| {
             l.split(' ').nth(4).map(Path::new) == Some(fs::canonicalize(&mnt).unwrap().as_path())
         })
-        .unwrap();
+        .collect();
+    assert_eq!(at_mnt.len(), 2, "{at_mnt:#?}");
+    assert!(
+        !at_mnt[0].contains("shared:"),
+        "the bind is private: {}",
+        at_mnt[0]
+    );
+    let line = at_mnt[1];
     assert!(line.contains(" - xfs "), "{line}");
     assert!(
         line.contains("logdev="),

@@ -28,6 +28,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -166,9 +167,19 @@ impl Pool {
     /// unfinished operations. It never re-initialises existing metadata.
     pub fn open(spec: &PoolSpec) -> Result<Pool> {
         let paths = PoolPaths::new(&spec.root);
-        fs::create_dir_all(&paths.root)
+        fsutil::create_private_dir(&paths.root)
             .map_err(|e| Error::io("create pool root", &paths.root, e))?;
         let lock = lock_root(&paths)?;
+        // Pools made before the modes were set are 0755/0644: tighten them on every open.
+        fsutil::make_private(&paths.root)?;
+        // Pools made before the metadata file was preallocated: allocate it now, if the host
+        // has room (else it stays as it was, and we say so).
+        if paths.metadata_file.exists()
+            && let Err(e) = loopback::preallocate(&paths.metadata_file)
+        {
+            warn!(file = %paths.metadata_file.display(), error = %e,
+                "the metadata file is sparse: a full host filesystem can fail the pool");
+        }
 
         if paths.store_file.exists() {
             let store = Store::open(&paths.store_file).map_err(store_damaged)?;
@@ -201,6 +212,9 @@ impl Pool {
 
     fn create(paths: PoolPaths, spec: &PoolSpec, lock: File) -> Result<Pool> {
         let settings = settings_from_spec(spec)?;
+        if !spec.overcommit_host {
+            check_room_for_create(&paths.root, &settings)?;
+        }
         info!(root = %paths.root.display(), backend = %settings.backend,
             data = %settings.data_size, metadata = %settings.metadata_size, "creating pool");
         // The store goes first: if we crash from here on, it says "initializing".
@@ -682,6 +696,18 @@ impl Pool {
         self.store.read(|r| r.devices())
     }
 
+    /// A page of [`Pool::devices`]: the records with ids above `after`, at most
+    /// `max_records` and about `max_bytes` (for listings streamed without holding them all).
+    pub fn devices_page(
+        &self,
+        after: Option<ThinId>,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<DeviceRecord>> {
+        self.store
+            .read(|r| r.devices_page(after, max_records, max_bytes))
+    }
+
     /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
@@ -837,7 +863,7 @@ impl Pool {
         let scratch = self.paths.root.join("resize").join(id.to_string());
         let grown = fsutil::grow(fs, &dev, &scratch);
         self.backend.deactivate(id)?;
-        grown
+        grown.map_err(|e| grow_error(e, fs, size))
     }
 
     /// Turns the active device `key` into a committed (read-only) one named `name`, and
@@ -1665,6 +1691,7 @@ fn lock_root(paths: &PoolPaths) -> Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
         .open(&paths.lock_file)
         .map_err(|e| Error::io("open lock file", &paths.lock_file, e))?;
     // SAFETY: flock on a file descriptor we own.
@@ -1785,6 +1812,64 @@ pub(crate) fn settings_from_spec(spec: &PoolSpec) -> Result<PoolSettings> {
 }
 
 /// Checks the settings of the space guard and autoextension.
+/// A failed filesystem grow of a new snapshot, for the client: the snapshot is rolled back,
+/// so the tool's advice to repair the device is dropped; a size the filesystem cannot have
+/// (e.g. ext4 needing more than 2^32 inodes) is the request's fault, not ours.
+fn grow_error(e: Error, fs: FsType, size: Bytes) -> Error {
+    let Error::Command {
+        program,
+        status,
+        stderr,
+    } = e
+    else {
+        return e;
+    };
+    let stderr: String = stderr
+        .lines()
+        .filter(|l| !l.contains("e2fsck") && !l.contains("aborted resize") && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let limit = [
+        "must be less than",
+        "too big",
+        "too large",
+        "Invalid argument",
+    ];
+    if limit.iter().any(|l| stderr.contains(l)) {
+        return Error::InvalidArgument(format!(
+            "size {size}: {fs} cannot grow to it ({program}: {stderr}); nothing was created"
+        ));
+    }
+    Error::Command {
+        program,
+        status,
+        stderr,
+    }
+}
+
+/// Checks the settings in `spec` that apply to new and existing pools alike (the free-space
+/// guard, the autoextend policies) without touching the filesystem, so that a daemon can
+/// refuse a bad setting before it creates anything. [`Pool::open`] checks them again.
+pub fn check_spec_settings(spec: &PoolSpec) -> Result<()> {
+    check_space_settings(&PoolSettings {
+        min_free_space: spec
+            .min_free_space
+            .unwrap_or(PoolSettings::DEFAULT_MIN_FREE_SPACE),
+        autoextend_data: spec.autoextend_data.unwrap_or_default(),
+        autoextend_metadata: spec.autoextend_metadata.unwrap_or_default(),
+        backend: BackendKind::Reflink,
+        data_size: PoolSettings::DEFAULT_DATA_SIZE,
+        metadata_size: PoolSettings::DEFAULT_METADATA_SIZE,
+        block_size: PoolSettings::DEFAULT_BLOCK_SIZE,
+        base_size: PoolSettings::DEFAULT_BASE_SIZE,
+        fs: FsType::Ext4,
+        mkfs_options: Vec::new(),
+        mount_options: Vec::new(),
+        error_if_no_space: true,
+        tag: String::new(),
+    })
+}
+
 fn check_space_settings(s: &PoolSettings) -> Result<()> {
     if s.min_free_space.0 > 50 {
         return Err(Error::InvalidArgument(format!(
@@ -1877,6 +1962,26 @@ fn plan_grow(
 
 /// Fails with `ResourceExhausted` when `need` (what grown files could take) is above `free`
 /// on the filesystem holding `dir`.
+/// Refuses a new pool whose files could come to take more than the host filesystem holding
+/// `root` has free: the metadata file is allocated at once, the data file as the pool fills.
+fn check_room_for_create(root: &Path, s: &PoolSettings) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(root).map_err(|e| Error::io("statfs", root, e.into()))?;
+    let free = Bytes(st.blocks_available().saturating_mul(st.fragment_size()));
+    let need = Bytes(s.data_size.0.saturating_add(s.metadata_size.0));
+    if need > free {
+        return Err(Error::ResourceExhausted(format!(
+            "a pool of {} data and {} metadata could take {need} on the filesystem holding \
+             {}, which has {free} free; give smaller sizes, free space there, or create it \
+             with --overcommit-host (the data file is sparse: it takes space only as the \
+             pool fills, and a full host filesystem then fails containers' writes)",
+            s.data_size,
+            s.metadata_size,
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
 fn host_has_room(dir: &Path, need: Bytes, free: Bytes) -> Result<()> {
     if need > free {
         return Err(Error::ResourceExhausted(format!(
@@ -2087,5 +2192,39 @@ mod tests {
         let s: PoolSettings = serde_json::from_value(v).unwrap();
         assert_eq!(s.min_free_space, PoolSettings::DEFAULT_MIN_FREE_SPACE);
         assert_eq!(s.autoextend_data, AutoextendPolicy::OFF);
+    }
+
+    #[test]
+    fn grow_error_for_a_size_the_filesystem_cannot_have() {
+        // What resize2fs says for 100T on ext4 (probe D5); the snapshot is rolled back.
+        let e = grow_error(
+            Error::Command {
+                program: "resize2fs".into(),
+                status: "exit status: 1".into(),
+                stderr: "resize2fs 1.47.0 (5-Feb-2023)\nresize2fs: New size results in too \
+                         many inodes: inodes (6710878208) must be less than 4294967295\n\
+                         Please run 'e2fsck -fy /dev/loop19' to fix the filesystem\n\
+                         after the aborted resize operation."
+                    .into(),
+            },
+            FsType::Ext4,
+            Bytes::gib(100 << 10),
+        );
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("must be less than"), "{msg}");
+        assert!(!msg.contains("e2fsck") && !msg.contains("aborted"), "{msg}");
+        // Other failures keep their kind, without the repair advice either.
+        let e = grow_error(
+            Error::Command {
+                program: "resize2fs".into(),
+                status: "exit status: 1".into(),
+                stderr: "resize2fs: Input/output error\nPlease run 'e2fsck -fy /dev/loop3'".into(),
+            },
+            FsType::Ext4,
+            Bytes::gib(8),
+        );
+        assert_eq!(e.kind(), crate::ErrorKind::Internal, "{e}");
+        assert!(!e.to_string().contains("e2fsck"), "{e}");
     }
 }

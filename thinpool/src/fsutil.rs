@@ -11,6 +11,73 @@ use std::process::Command;
 use crate::error::{Error, Result};
 use crate::model::FsType;
 
+/// Mode of every directory the pool makes: the pool's files hold every container's data, so
+/// only root may list or enter them (Docker's loop-lvm files are 0600 likewise).
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Mode of every file the pool makes (data, metadata, store, lock, device files).
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` and any missing parents with mode 0700, then makes `dir` itself 0700
+/// whether or not it existed (parents that existed keep their modes).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)?;
+    let mode = std::fs::symlink_metadata(dir)?.permissions().mode() & 0o7777;
+    if mode != PRIVATE_DIR_MODE {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR_MODE))?;
+    }
+    Ok(())
+}
+
+/// Tightens `path` and everything under it on the same filesystem: directories to 0700,
+/// regular files to 0600 (pools made before the modes were set were 0755/0644). Symlinks are
+/// not followed, other file types are left alone, and mounts below `path` (a container's
+/// filesystem mounted for a resize or by a user) are not entered: the reflink XFS is
+/// tightened by its own call.
+pub fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("stat", path, e)),
+    };
+    tighten(path, &meta, meta.dev())
+}
+
+fn tighten(path: &Path, meta: &std::fs::Metadata, dev: u64) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if meta.dev() != dev {
+        return Ok(()); // another filesystem mounted here
+    }
+    let want = if meta.is_dir() {
+        PRIVATE_DIR_MODE
+    } else if meta.is_file() {
+        PRIVATE_FILE_MODE
+    } else {
+        return Ok(());
+    };
+    if meta.permissions().mode() & 0o7777 != want {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))
+            .map_err(|e| Error::io("restrict the mode of", path, e))?;
+    }
+    if meta.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| Error::io("read directory", path, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("read directory", path, e))?;
+            let p = entry.path();
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) => tighten(&p, &m, dev)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("stat", &p, e)),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Debian package that ships each tool we run, for "install X" errors.
 fn package_of(tool: &'static str) -> &'static str {
     match tool {
@@ -114,8 +181,7 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
         }
         FsType::Xfs => {
             use nix::mount::{MsFlags, mount};
-            std::fs::create_dir_all(scratch)
-                .map_err(|e| Error::io("create mount point", scratch, e))?;
+            create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
             let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
             if let Err(e) = mount(Some(dev), scratch, Some("xfs"), flags, Some("nouuid")) {
                 let _ = std::fs::remove_dir(scratch);

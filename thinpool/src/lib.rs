@@ -22,7 +22,7 @@ pub mod timing;
 pub mod units;
 
 pub use asyncpool::AsyncPool;
-pub use engine::{Pool, RemoveOptions, SnapshotRequest, TakeDownReport};
+pub use engine::{Pool, RemoveOptions, SnapshotRequest, TakeDownReport, check_spec_settings};
 pub use error::{Error, ErrorKind, Result};
 pub use ids::{DeviceName, ThinId};
 pub use model::*;

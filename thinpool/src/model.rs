@@ -96,6 +96,9 @@ pub struct PoolSpec {
     pub autoextend_data: Option<AutoextendPolicy>,
     /// Automatic growth of the metadata file (dm only). May change on an existing pool.
     pub autoextend_metadata: Option<AutoextendPolicy>,
+    /// Create the pool even if its files could come to take more than the host filesystem
+    /// has free (the data file is sparse). Without it, creation is refused then.
+    pub overcommit_host: bool,
 }
 
 /// The settings a pool was created with, as recorded in its metadata store.

@@ -101,6 +101,8 @@ impl Store {
     /// Creates a new store for a pool being made. Precondition: no file at `path`.
     pub fn create(path: &Path, settings: &PoolSettings) -> Result<Store> {
         let db = guarded(path, || Ok(Database::create(path)?))?;
+        // redb creates the file 0644; it holds every snapshot's key and labels.
+        crate::fsutil::make_private(path)?;
         let store = Store {
             db,
             path: path.to_path_buf(),
@@ -369,6 +371,32 @@ impl ReadView {
         for entry in t.iter()? {
             let (_, v) = entry?;
             out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Records with ids above `after`, in id order: at most `max_records`, and no more once
+    /// `max_bytes` of encoded records are read (at least one, whatever its size).
+    pub fn devices_page(
+        &self,
+        after: Option<ThinId>,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<DeviceRecord>> {
+        let t = self.txn.open_table(DEVICES)?;
+        let start = after.map_or(0, |a| a.get().saturating_add(1));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        if after.is_some_and(|a| a.get() == u32::MAX) {
+            return Ok(out);
+        }
+        for entry in t.range(start..)? {
+            let (_, v) = entry?;
+            bytes += v.value().len();
+            out.push(decode(v.value())?);
+            if out.len() >= max_records || bytes >= max_bytes {
+                break;
+            }
         }
         Ok(out)
     }

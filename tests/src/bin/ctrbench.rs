@@ -491,6 +491,8 @@ fn start_thinpoold(dir: &Path, name: &'static str, o: &Opts) -> Result<(Proc, Pa
             .args(["--metadata-size", &o.metadata_size.0.to_string()])
             .args(["--base-size", &o.base_size.0.to_string()])
             .args(["--block-size", &o.block_size.0.to_string()])
+            // Sparse, as devmapper's files: the bench disk need not hold them whole.
+            .arg("--overcommit-host")
             .args(["--metrics-addr", ""])
             .arg("--imagefs-dir")
             .arg(dir.join(format!("{name}-imagefs"))),

@@ -103,6 +103,8 @@ fn run(dir: &Path, root: &Path, cleanup: &mut Cleanup) -> Res<()> {
         backend: Some(BackendKind::Reflink),
         data_size: Some(Bytes::gib(64)),
         base_size: Some(Bytes::gib(10)),
+        // Sparse: the bench writes a few GiB of it.
+        overcommit_host: true,
         ..PoolSpec::default()
     };
     let t = Instant::now();

@@ -232,6 +232,7 @@ impl DmBackend {
         let dm = DM::new().map_err(dm_err("open /dev/mapper/control"))?;
         loopback::create_sparse(&paths.data_file, settings.data_size.0)?;
         loopback::create_sparse(&paths.metadata_file, settings.metadata_size.0)?;
+        loopback::preallocate(&paths.metadata_file)?;
         // A fresh sparse file reads as zeros, which is what the kernel needs to see in the
         // first 4 KiB of new metadata: it then formats it instead of reading garbage.
         Self::assemble(dm, paths, settings, true)
@@ -1016,6 +1017,7 @@ impl Backend for DmBackend {
     fn grow_metadata(&self, size: Bytes) -> Result<()> {
         let before = self.working_status()?.usage.total_meta.0;
         loopback::extend(&self.paths.metadata_file, size.0)?;
+        loopback::preallocate(&self.paths.metadata_file)?;
         failpoint::hit("grow:after_file");
         loopback::ensure_capacity(&self.meta_loop, size.0)?;
         let dev = dev_of(&self.meta_loop)?;

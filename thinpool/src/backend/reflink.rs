@@ -108,6 +108,7 @@ impl ReflinkBackend {
         }
         loopback::create_sparse(&paths.data_file, settings.data_size.0)?;
         loopback::create_sparse(&paths.metadata_file, settings.metadata_size.0)?;
+        loopback::preallocate(&paths.metadata_file)?;
         let made = (|| {
             let data_dev = loopback::attach(&paths.data_file)?;
             let meta_dev = loopback::attach(&paths.metadata_file)?;
@@ -134,7 +135,7 @@ impl ReflinkBackend {
             mount_xfs(&data_dev, &meta_dev, &mnt)?;
             let mnt = canonical(&mnt)?;
             let devices = mnt.join(DEVICES_DIR);
-            fs::create_dir(&devices)
+            fsutil::create_private_dir(&devices)
                 .map_err(|e| io_error("create devices directory", &devices, e))?;
             write_counter(&mnt, 0)?;
             info!(data = %data_dev.display(), log = %meta_dev.display(), mnt = %mnt.display(),
@@ -165,11 +166,15 @@ impl ReflinkBackend {
         let data_dev = loopback::attach(&paths.data_file)?;
         let meta_dev = loopback::attach(&paths.metadata_file)?;
         let mnt = paths.root.join("mnt");
-        fs::create_dir_all(&mnt).map_err(|e| io_error("create mount point", &mnt, e))?;
+        fsutil::create_private_dir(&mnt).map_err(|e| io_error("create mount point", &mnt, e))?;
         match mounted_source(&canonical(&mnt)?)? {
             Some(source) if Path::new(&source) == data_dev => {
                 info!(mnt = %mnt.display(), "pool XFS already mounted");
+                // Device files of a pool made before the modes were set are 0644.
+                fsutil::make_private(&mnt)?;
             }
+            // Our private bind, left by a start that stopped before mounting the XFS.
+            Some(_) if is_own_bind(&canonical(&mnt)?)? => mount_xfs(&data_dev, &meta_dev, &mnt)?,
             Some(source) => {
                 return Err(Error::Inconsistent(format!(
                     "{} is mounted from {source}, not from the pool's data device {}",
@@ -220,9 +225,7 @@ impl ReflinkBackend {
         for (_, dev) in device_loops(&mnt.join(DEVICES_DIR))? {
             detach_unused(&dev)?;
         }
-        if mounted_source(&mnt)?.is_some() {
-            unmount(&mnt)?;
-        }
+        unmount_all(&mnt)?;
         for f in [&paths.data_file, &paths.metadata_file] {
             if f.exists()
                 && let Some(dev) = loopback::find(f)?
@@ -516,14 +519,14 @@ impl Backend for ReflinkBackend {
     }
 
     /// Extends the data file, refreshes its loop device, and grows the mounted XFS over it
-    /// with `xfs_growfs` (online: device files stay attached and mounted). `xfs_growfs` of
-    /// an XFS that fills its device already changes nothing, which makes this idempotent.
+    /// (online: device files stay attached and mounted). Growing an XFS that fills its
+    /// device already changes nothing, which makes this idempotent.
     /// The low water mark is reported only (`status`), from the autoextend policy.
     fn grow_data(&self, size: Bytes, _low_water_mark: DataBlocks) -> Result<()> {
         loopback::extend(&self.data_file, size.0)?;
         failpoint::hit("grow:after_file");
         loopback::ensure_capacity(&self.data_dev, size.0)?;
-        fsutil::run("xfs_growfs", &["-d".as_ref(), self.mnt.as_os_str()])?;
+        grow_xfs_data(&self.mnt, size.0)?;
         info!(size = %size, mnt = %self.mnt.display(), "pool XFS grown");
         Ok(())
     }
@@ -565,9 +568,7 @@ impl Backend for ReflinkBackend {
         if let Some(e) = first_err {
             return Err(e);
         }
-        if mounted_source(&self.mnt)?.is_some() {
-            unmount(&self.mnt)?;
-        }
+        unmount_all(&self.mnt)?;
         for f in [&self.data_file, &self.metadata_file] {
             if let Some(dev) = loopback::find(f)? {
                 detach_unused(&dev)?;
@@ -614,6 +615,7 @@ fn create_device_file(file: &Path, id: ThinId) -> Result<File> {
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
         .open(file)
         .map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => {
@@ -641,7 +643,13 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes the counter atomically and durably: temp file, fsync, rename, fsync(dir).
 fn write_counter(mnt: &Path, txn: u64) -> Result<()> {
     let tmp = mnt.join(COUNTER_TEMP);
-    let mut f = File::create(&tmp).map_err(|e| io_error("create counter", &tmp, e))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(fsutil::PRIVATE_FILE_MODE)
+        .open(&tmp)
+        .map_err(|e| io_error("create counter", &tmp, e))?;
     f.write_all(format!("{txn}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| io_error("write counter", &tmp, e))?;
@@ -658,8 +666,12 @@ fn read_counter(mnt: &Path) -> Result<u64> {
     })
 }
 
-/// Mounts the pool's XFS at `mnt` with its external log, then makes the mount private so it
-/// does not propagate into other mount namespaces.
+/// Mounts the pool's XFS at `mnt` with its external log, on a private bind of `mnt` onto
+/// itself: a mount propagates by its parent's type, and `/var/lib` usually lies under a
+/// shared mount (systemd's default for `/`), so an XFS mounted straight there would appear
+/// in every peer namespace (container runtimes, services with their own namespaces), keep
+/// the data loop device busy there, and make teardown fail. The bind propagates, but it
+/// holds nothing of ours.
 ///
 /// Options: noatime and no devices, setuid or exec, as the XFS holds only device images.
 /// No online `discard`: blocks XFS frees (deleted devices) stay allocated in the data file
@@ -668,7 +680,20 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 /// sequential writes to new space to a third (see reflinkbench); a periodic `fstrim` of
 /// the mount gives free space back to the host instead.
 fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
-    fs::create_dir_all(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
+    fsutil::create_private_dir(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
+    let mnt = &canonical(mnt)?; // mountinfo has canonical paths
+    if !is_own_bind(mnt)? {
+        mount(Some(mnt), mnt, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| Error::io("bind the pool mount point onto itself", mnt, e.into()))?;
+    }
+    mount(
+        None::<&str>,
+        mnt,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("make the pool mount point private", mnt, e.into()))?;
     let opts = format!("logdev={}", meta_dev.display());
     let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(Some(data_dev), mnt, Some("xfs"), flags, Some(opts.as_str()))
@@ -680,7 +705,99 @@ fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
         MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| Error::io("make pool mount private", mnt, e.into()))
+    .map_err(|e| Error::io("make pool mount private", mnt, e.into()))?;
+    // The XFS root is 0755 from mkfs, and pools made before the modes were set have 0644
+    // device files: only root may read container data.
+    fsutil::make_private(mnt)
+}
+
+/// `XFS_IOC_FSGEOMETRY_V1`'s answer (the kernel's `struct xfs_fsop_geom_v1`).
+#[repr(C)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    logblocks: u32,
+    sectsize: u32,
+    inodesize: u32,
+    imaxpct: u32,
+    datablocks: u64,
+    rtblocks: u64,
+    rtextents: u64,
+    logstart: u64,
+    uuid: [u8; 16],
+    sunit: u32,
+    swidth: u32,
+    version: i32,
+    flags: u32,
+    logsectsize: u32,
+    rtsectsize: u32,
+    dirblocksize: u32,
+}
+
+/// `XFS_IOC_FSGROWFSDATA`'s request (the kernel's `struct xfs_growfs_data`).
+#[repr(C)]
+struct XfsGrowfsData {
+    newblocks: u64,
+    imaxpct: u32,
+}
+
+nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, XfsGrowfsData);
+
+/// Grows the XFS mounted at `mnt` to `size` bytes of data (what `xfs_growfs -d` does), by
+/// ioctl: `xfs_growfs` finds its filesystem by mount point in the mount table, where the
+/// private bind under the XFS (see [`mount_xfs`]) comes first. No-op when the XFS is that
+/// large already; the kernel leaves out a last allocation group too small to hold.
+fn grow_xfs_data(mnt: &Path, size: u64) -> Result<()> {
+    let dir = File::open(mnt).map_err(|e| io_error("open pool XFS", mnt, e))?;
+    // SAFETY: all-zero is a valid value of this plain-data struct, which the kernel fills.
+    let mut geo: XfsGeometryV1 = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one XfsGeometryV1 (the kernel ABI layout) into `geo`.
+    unsafe { xfs_geometry_v1(dir.as_raw_fd(), &mut geo) }
+        .map_err(|e| Error::io("read the XFS geometry", mnt, e.into()))?;
+    let newblocks = size / u64::from(geo.blocksize.max(1));
+    if newblocks <= geo.datablocks {
+        return Ok(());
+    }
+    let req = XfsGrowfsData {
+        newblocks,
+        imaxpct: geo.imaxpct,
+    };
+    // SAFETY: the ioctl reads one XfsGrowfsData (the kernel ABI layout) from `req`.
+    unsafe { xfs_growfs_data(dir.as_raw_fd(), &req) }
+        .map_err(|e| Error::io("grow the pool XFS", mnt, e.into()))?;
+    Ok(())
+}
+
+/// Unmounts the pool's XFS and then the private bind under it (pools mounted before the
+/// bind existed have none).
+fn unmount_all(mnt: &Path) -> Result<()> {
+    for _ in 0..2 {
+        if mounted_source(mnt)?.is_none() {
+            break;
+        }
+        unmount(mnt)?;
+    }
+    Ok(())
+}
+
+/// Whether the visible mount at `mnt` is a bind of the directory's own filesystem: the
+/// private bind [`mount_xfs`] makes, without the XFS on it.
+fn is_own_bind(mnt: &Path) -> Result<bool> {
+    let Some((_, dev)) = visible_mount(mnt)? else {
+        return Ok(false);
+    };
+    let parent = mnt.parent().unwrap_or(Path::new("/"));
+    let st =
+        nix::sys::stat::stat(parent).map_err(|e| Error::io("stat", parent, io::Error::from(e)))?;
+    let parent_dev = format!(
+        "{}:{}",
+        nix::sys::stat::major(st.st_dev),
+        nix::sys::stat::minor(st.st_dev)
+    );
+    Ok(dev == parent_dev)
 }
 
 fn unmount(mnt: &Path) -> Result<()> {
@@ -695,6 +812,11 @@ fn unmount(mnt: &Path) -> Result<()> {
 
 /// The source of the mount at `mnt` (canonical), if something is mounted there.
 fn mounted_source(mnt: &Path) -> Result<Option<String>> {
+    Ok(visible_mount(mnt)?.map(|(source, _)| source))
+}
+
+/// The source and `major:minor` of the visible mount at `mnt` (canonical), if any.
+fn visible_mount(mnt: &Path) -> Result<Option<(String, String)>> {
     let info = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
     // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
@@ -702,12 +824,14 @@ fn mounted_source(mnt: &Path) -> Result<Option<String>> {
     let mut found = None;
     for line in info.lines() {
         let mut fields = line.split(' ');
-        let Some(point) = fields.nth(4) else { continue };
+        let Some(dev) = fields.nth(2) else { continue };
+        let Some(point) = fields.nth(1) else { continue };
         if Path::new(&unescape_mountinfo(point)) != mnt {
             continue;
         }
         let mut rest = fields.skip_while(|f| *f != "-").skip(2);
-        found = Some(rest.next().map(unescape_mountinfo).unwrap_or_default());
+        let source = rest.next().map(unescape_mountinfo).unwrap_or_default();
+        found = Some((source, dev.to_string()));
     }
     Ok(found)
 }
