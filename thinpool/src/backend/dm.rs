@@ -600,12 +600,16 @@ impl DmBackend {
         Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
     }
 
-    /// Thin status of an active device: mapped sectors.
-    fn thin_mapped(&self, id: ThinId) -> Result<Bytes> {
-        let (_, lines) = self
+    /// Thin status of the device, if active: mapped sectors. `None`: not active.
+    fn thin_mapped(&self, id: ThinId) -> Result<Option<Bytes>> {
+        let (_, lines) = match self
             .dm
             .table_status(&DevId::Name(&self.names.thin(id)), DmOptions::default())
-            .map_err(dm_err(format!("status of thin {id}")))?;
+        {
+            Ok(s) => s,
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
+            Err(e) => return Err(Error::dm(format!("status of thin {id}"), e)),
+        };
         let line = lines.first().map(|l| l.3.as_str()).unwrap_or("");
         let mapped: u64 = line
             .split_whitespace()
@@ -615,7 +619,7 @@ impl DmBackend {
                 context: format!("status of thin {id}"),
                 message: format!("unexpected status line {line:?}"),
             })?;
-        Ok(Bytes(mapped * 512))
+        Ok(Some(Bytes(mapped * 512)))
     }
 
     fn create_thin_dev(
@@ -843,15 +847,16 @@ impl Backend for DmBackend {
         Ok(out)
     }
 
+    /// An active device: its thin status (one ioctl). An inactive one: `thin_ls` on a
+    /// metadata snapshot (the kernel reports status only for active devices, and activating
+    /// one to read it costs a table load, a resume and a remove).
     fn mapped_bytes(&self, id: ThinId, size: Bytes) -> Result<Bytes> {
-        if self.thin_exists(id)? {
-            return self.thin_mapped(id);
+        if let Some(mapped) = self.thin_mapped(id)? {
+            return Ok(mapped);
         }
-        // The kernel reports usage only for an active device: activate it briefly.
-        self.create_thin_dev(&self.names.thin(id), id, size, true)?;
-        let mapped = self.thin_mapped(id);
-        self.deactivate(id)?;
-        mapped
+        self.mapped_bytes_many(&[(id, size)])?
+            .remove(&id)
+            .ok_or_else(|| Error::NotFound(format!("thin id {id} is not in the pool's metadata")))
     }
 
     /// One `thin_ls` on a metadata snapshot for every device (active or not), instead of
