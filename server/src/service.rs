@@ -903,12 +903,19 @@ mod tests {
             Some((MAX_SIZE_LABEL, "1073741824"))
         );
         assert_eq!(
-            size_label(&labels(&[(SIZE_LABEL, "1G"), (MAX_SIZE_LABEL, "1073741824")])).unwrap(),
+            size_label(&labels(&[
+                (SIZE_LABEL, "1G"),
+                (MAX_SIZE_LABEL, "1073741824")
+            ]))
+            .unwrap(),
             Some((SIZE_LABEL, "1G")),
             "the same size written two ways agrees"
         );
-        let e = size_label(&labels(&[(SIZE_LABEL, "1G"), (MAX_SIZE_LABEL, "2147483648")]))
-            .unwrap_err();
+        let e = size_label(&labels(&[
+            (SIZE_LABEL, "1G"),
+            (MAX_SIZE_LABEL, "2147483648"),
+        ]))
+        .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(
             e.message().contains(SIZE_LABEL) && e.message().contains(MAX_SIZE_LABEL),
