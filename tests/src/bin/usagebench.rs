@@ -121,9 +121,18 @@ fn raw_fiemap_unshared(file: &Path) -> u64 {
 /// The raw thin status ioctl of an active device: mapped sectors.
 fn raw_status(dm: &DM, dev: &str) -> u64 {
     let (_, lines) = dm
-        .table_status(&DevId::Name(DmName::new(dev).unwrap()), DmOptions::default())
+        .table_status(
+            &DevId::Name(DmName::new(dev).unwrap()),
+            DmOptions::default(),
+        )
         .unwrap();
-    lines[0].3.split_whitespace().next().unwrap().parse().unwrap()
+    lines[0]
+        .3
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The dm Usage path before this change: the device's status minus its inactive parent's,
@@ -221,7 +230,11 @@ fn main() {
         engine.snapshot(req(&key, Some("layer"))).unwrap();
         let spec = engine.activate(&name(&key)).unwrap();
         write_raw(&spec.source, 16 << 20, 64 << 10, 1000 + i as u64);
-        devs.push((key, spec.source, engine.device(&name(&format!("c{i}"))).unwrap()));
+        devs.push((
+            key,
+            spec.source,
+            engine.device(&name(&format!("c{i}"))).unwrap(),
+        ));
     }
     eprintln!(
         "setup: layer + {n} active snapshots in {:.1} s",
@@ -357,7 +370,10 @@ fn main() {
             raw_p50 = rows[2].p50;
         }
     }
-    rows.push(row("Usage of the committed layer (stored at commit)", committed_ms));
+    rows.push(row(
+        "Usage of the committed layer (stored at commit)",
+        committed_ms,
+    ));
     rows.push(row(
         &format!("Usage of an inactive active snapshot ({inactive} of them)"),
         inactive_ms,
@@ -387,5 +403,4 @@ fn main() {
     }
     println!("=== BENCH BEGIN ===\n{out}=== BENCH END ===");
     eprintln!("(checksum {check})");
-
 }
