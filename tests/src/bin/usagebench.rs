@@ -401,7 +401,10 @@ fn main() {
         &format!("every device's mapped bytes, one call ({} devices)", n + 22),
         all_ms,
     ));
-    rows.push(row("Commit (measures and stores the layer's usage)", commit_ms));
+    rows.push(row(
+        "Commit (measures and stores the layer's usage)",
+        commit_ms,
+    ));
 
     let mut out = String::new();
     out.push_str(&format!(
