@@ -217,7 +217,7 @@ fn main() {
     // active snapshots of it, each with 64 KiB of its own.
     let t = Instant::now();
     engine.snapshot(req("layer-k", None)).unwrap();
-    let layer_dev = PathBuf::from(engine.activate(&name("layer-k")).unwrap().source);
+    let layer_dev = engine.activate(&name("layer-k")).unwrap().source;
     for i in 0..512u64 {
         write_raw(&layer_dev, (64 << 20) + i * (128 << 10), 64 << 10, i);
     }
