@@ -22,7 +22,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::info;
 
-pub use service::{DEFAULT_MAX_DEVICE_OVERCOMMIT, SIZE_LABEL, Service, StaticInfo};
+pub use service::{DEFAULT_MAX_DEVICE_OVERCOMMIT, MAX_SIZE_LABEL, SIZE_LABEL, Service, StaticInfo};
 
 /// How often the space monitor checks the pool besides the kernel's events.
 pub const MONITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);

@@ -24,6 +24,31 @@ use crate::filter::{Fields, Filters};
 /// `containerd.io/snapshot/thinpool.size=20G` (binary suffixes; at least the parent's size).
 pub const SIZE_LABEL: &str = "containerd.io/snapshot/thinpool.size";
 
+/// containerd's own label for the size of an active snapshot's filesystem (containerd
+/// 2.4, `snapshots.LabelSnapshotMaxSize`: decimal bytes). Honoured like [`SIZE_LABEL`].
+pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
+
+/// Which label gives a Prepare's size, and its value: [`SIZE_LABEL`] or [`MAX_SIZE_LABEL`].
+/// Both may be given only with the same value (refused otherwise: which one wins would be
+/// a guess).
+fn size_label(labels: &HashMap<String, String>) -> Result<Option<(&'static str, &str)>, Status> {
+    match (labels.get(SIZE_LABEL), labels.get(MAX_SIZE_LABEL)) {
+        (None, None) => Ok(None),
+        (Some(v), None) => Ok(Some((SIZE_LABEL, v))),
+        (None, Some(v)) => Ok(Some((MAX_SIZE_LABEL, v))),
+        (Some(a), Some(b)) if a == b || same_size(a, b) => Ok(Some((SIZE_LABEL, a))),
+        (Some(a), Some(b)) => Err(Status::invalid_argument(format!(
+            "labels {SIZE_LABEL}={a:?} and {MAX_SIZE_LABEL}={b:?} disagree; give one, or both \
+             with the same value"
+        ))),
+    }
+}
+
+/// Whether two size label values parse to the same size ("1G" and "1073741824").
+fn same_size(a: &str, b: &str) -> bool {
+    matches!((a.parse::<Bytes>(), b.parse::<Bytes>()), (Ok(x), Ok(y)) if x == y)
+}
+
 /// Snapshots per List stream message (containerd's snapshotservice sends 100 too).
 const LIST_BATCH: usize = 100;
 /// ... and at most about this much of the store per List message (labels may take 256 KiB
@@ -130,7 +155,6 @@ pub const DEFAULT_MAX_DEVICE_OVERCOMMIT: f64 = 1.0;
 
 struct Inner {
     pool: AsyncPool,
-    backend: BackendKind,
     static_info: StaticInfo,
     /// Serialises engine reclaims (Cleanup and the background reclaimer).
     reclaim_lock: Mutex<()>,
@@ -149,11 +173,9 @@ pub struct Service {
 
 impl Service {
     pub fn new(pool: AsyncPool, static_info: StaticInfo) -> Service {
-        let backend = pool.engine().backend_kind();
         Service {
             inner: Arc::new(Inner {
                 pool,
-                backend,
                 static_info,
                 reclaim_lock: Mutex::new(()),
                 reclaim_wake: Notify::new(),
@@ -203,7 +225,7 @@ impl Service {
 
     /// Refuses a size label above what the pool could ever hold: its data size times the
     /// overcommit factor.
-    fn check_size(&self, size: Bytes) -> Result<Bytes, Status> {
+    fn check_size(&self, label: &str, size: Bytes) -> Result<Bytes, Status> {
         let factor = self
             .inner
             .static_info
@@ -213,7 +235,7 @@ impl Service {
         let max = Bytes((data.0 as f64 * factor).min(u64::MAX as f64) as u64);
         if size > max {
             return Err(Status::invalid_argument(format!(
-                "label {SIZE_LABEL}: {size} is above the largest device this pool allows, \
+                "label {label}: {size} is above the largest device this pool allows, \
                  {max} (its data size {data} times --max-device-overcommit {factor})"
             )));
         }
@@ -245,13 +267,16 @@ impl Service {
         } else {
             Some(name("parent", parent)?)
         };
-        let size =
-            match labels.get(SIZE_LABEL) {
-                None => None,
-                Some(v) => Some(self.check_size(v.parse::<Bytes>().map_err(|e| {
-                    Status::invalid_argument(format!("label {SIZE_LABEL}: {e}"))
-                })?)?),
-            };
+        let size = match size_label(&labels)? {
+            None => None,
+            Some((label, v)) => Some(
+                self.check_size(
+                    label,
+                    v.parse::<Bytes>()
+                        .map_err(|e| Status::invalid_argument(format!("label {label}: {e}")))?,
+                )?,
+            ),
+        };
         let req = SnapshotRequest {
             name: key.clone(),
             parent: parent.clone(),
@@ -320,6 +345,31 @@ fn lookup(engine: &Pool, key: &DeviceName) -> Result<DeviceRecord, Status> {
         ))),
         Err(e) => Err(status(e)),
     }
+}
+
+/// Checks `CommitSnapshotRequest.parent` (containerd 2.2+, field 5), `wanted`, against the
+/// snapshot's real parent `actual` ("" for none). containerd sends a parent only to a
+/// snapshotter that advertises the `rebase` capability (its unpacker then prepares layers
+/// without their parent and names the parent at Commit). thinpoold does not advertise it:
+/// a thin snapshot holds its origin's blocks, so it cannot be moved onto another parent.
+/// Naming the real parent is accepted (a no-op). Any other parent is InvalidArgument, the
+/// code containerd's own metadata store returns for a commit that changes a snapshot's
+/// parent (`snapshots/storage` CommitActive: "cannot change parent of active snapshot").
+fn check_commit_parent(key: &DeviceName, actual: &str, wanted: &str) -> Result<(), Status> {
+    if wanted.is_empty() || wanted == actual {
+        return Ok(());
+    }
+    let was = if actual.is_empty() {
+        "no parent".to_string()
+    } else {
+        format!("parent {actual:?}")
+    };
+    Err(Status::invalid_argument(format!(
+        "commit of {:?} names parent {wanted:?}, but the snapshot was prepared on {was}; \
+         thinpool cannot rebase a snapshot onto another parent (it does not advertise the \
+         \"rebase\" capability)",
+        key.as_str()
+    )))
 }
 
 /// The name of the device with id `parent`, or "" for the base device.
@@ -487,15 +537,11 @@ impl Snapshots for Service {
             let key = name("key", &r.key)?;
             let new = name("name", &r.name)?;
             let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
-            let rebase_to = r.parent;
+            let parent = r.parent;
             self.blocking(move |engine| {
-                if !rebase_to.is_empty() {
+                if !parent.is_empty() {
                     let rec = lookup(engine, &key)?;
-                    if parent_name(engine, rec.parent)? != rebase_to {
-                        return Err(Status::unimplemented(
-                            "commit onto a different parent (rebase) is not supported",
-                        ));
-                    }
+                    check_commit_parent(&key, &parent_name(engine, rec.parent)?, &parent)?;
                 }
                 engine.commit(&key, &new, Some(labels)).map_err(status)
             })
@@ -651,21 +697,11 @@ impl Snapshots for Service {
         let t = Instant::now();
         let res = async {
             let key = name("key", &r.key)?;
-            let backend = self.inner.backend;
             let size = self
                 .blocking(move |engine| {
                     let rec = lookup(engine, &key)?;
-                    let mapped = engine.usage(&key).map_err(status)?;
-                    // dm counts every block the device maps, shared with its parent or not:
-                    // report what it maps beyond its parent (as containerd's devmapper does).
-                    // reflink already counts only extents the device does not share.
-                    Ok(match (backend, rec.parent) {
-                        (BackendKind::Dm, Some(p)) => {
-                            let parent = engine.usage_by_id(p).map_err(status)?;
-                            mapped.0.saturating_sub(parent.0)
-                        }
-                        _ => mapped.0,
-                    })
+                    // What the snapshot adds over its parent, as containerd means it.
+                    engine.record_usage(&rec).map(|b| b.0).map_err(status)
                 })
                 .await?;
             Ok(Response::new(pb::UsageResponse {
@@ -820,17 +856,18 @@ impl Admin for Service {
         let res = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             let records = engine.devices()?;
             let active = engine.active_devices()?;
+            // One backend call for every device (dm: one thin_ls), activating none.
+            let mapped_all: HashMap<ThinId, u64> = match engine.mapped_bytes_all() {
+                Ok(all) => all.into_iter().map(|(r, b)| (r.id, b.0)).collect(),
+                Err(e) => {
+                    warn!(error = %e, "ListDevices: no mapped bytes");
+                    HashMap::new()
+                }
+            };
             let by_id: HashMap<ThinId, &DeviceRecord> = records.iter().map(|r| (r.id, r)).collect();
             let mut out = Vec::with_capacity(records.len());
             for rec in &records {
-                let mapped = if rec.state == DeviceState::Ready {
-                    engine.usage_by_id(rec.id).map(|b| b.0).unwrap_or_else(|e| {
-                        debug!(id = %rec.id, error = %e, "no mapped bytes");
-                        0
-                    })
-                } else {
-                    0
-                };
+                let mapped = mapped_all.get(&rec.id).copied().unwrap_or(0);
                 let parent = rec.parent.and_then(|p| by_id.get(&p));
                 out.push(admin::Device {
                     id: rec.id.get(),
@@ -987,5 +1024,69 @@ impl Admin for Service {
         }
         .await;
         traced("TakeDown", if force { "force" } else { "" }, t, res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn either_size_label_gives_the_size_and_they_must_agree() {
+        assert_eq!(size_label(&labels(&[])).unwrap(), None);
+        assert_eq!(
+            size_label(&labels(&[("other", "1G")])).unwrap(),
+            None,
+            "only the two size labels count"
+        );
+        assert_eq!(
+            size_label(&labels(&[(SIZE_LABEL, "2G")])).unwrap(),
+            Some((SIZE_LABEL, "2G"))
+        );
+        assert_eq!(
+            size_label(&labels(&[(MAX_SIZE_LABEL, "1073741824")])).unwrap(),
+            Some((MAX_SIZE_LABEL, "1073741824"))
+        );
+        assert_eq!(
+            size_label(&labels(&[
+                (SIZE_LABEL, "1G"),
+                (MAX_SIZE_LABEL, "1073741824")
+            ]))
+            .unwrap(),
+            Some((SIZE_LABEL, "1G")),
+            "the same size written two ways agrees"
+        );
+        let e = size_label(&labels(&[
+            (SIZE_LABEL, "1G"),
+            (MAX_SIZE_LABEL, "2147483648"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains(SIZE_LABEL) && e.message().contains(MAX_SIZE_LABEL),
+            "{}",
+            e.message()
+        );
+        assert_eq!(MAX_SIZE_LABEL, "containerd.io/snapshot/max-size");
+    }
+
+    #[test]
+    fn commit_parent_must_be_the_real_one() {
+        let key = DeviceName::new("k").unwrap();
+        check_commit_parent(&key, "p", "").unwrap();
+        check_commit_parent(&key, "", "").unwrap();
+        check_commit_parent(&key, "p", "p").unwrap();
+        for (actual, wanted) in [("p", "q"), ("", "q")] {
+            let e = check_commit_parent(&key, actual, wanted).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains("rebase"), "{}", e.message());
+        }
     }
 }

@@ -605,6 +605,7 @@ fn daemon_reports_quarantined_devices() {
             labels: Default::default(),
             created_ns: 0,
             updated_ns: 0,
+            usage: None,
         };
         store.write(|w| w.put_device(&ghost)).unwrap();
     }

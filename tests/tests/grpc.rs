@@ -193,7 +193,26 @@ fn error_codes() {
             })
             .await
             .expect_err("rebase");
-        assert_eq!(rebase.code(), Code::Unimplemented);
+        // containerd 2.2+ sends a parent only with the rebase capability, which thinpool
+        // does not advertise; its metadata store answers a parent change the same way.
+        assert_eq!(rebase.code(), Code::InvalidArgument, "{rebase:?}");
+        assert!(rebase.message().contains("rebase"), "{rebase:?}");
+        // A snapshot prepared without a parent cannot be given one at commit either (that is
+        // what containerd's parallel unpack would do with the capability).
+        c.prepare("orphan", None, none()).await.unwrap();
+        let onto = raw
+            .commit(pb::CommitSnapshotRequest {
+                name: "n-orphan".into(),
+                key: "orphan".into(),
+                parent: "base".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a parentless snapshot committed onto a parent");
+        assert_eq!(onto.code(), Code::InvalidArgument, "{onto:?}");
+        assert_eq!(code(c.stat("n-orphan").await), Code::NotFound);
+        assert_eq!(c.stat("orphan").await.unwrap().kind, Kind::Active as i32);
+        c.remove("orphan").await.unwrap();
         raw.commit(pb::CommitSnapshotRequest {
             name: "n".into(),
             key: "act".into(),
@@ -237,7 +256,8 @@ fn error_codes() {
     });
 }
 
-/// Per-snapshot size: `containerd.io/snapshot/thinpool.size`.
+/// Per-snapshot size: `containerd.io/snapshot/thinpool.size`, or containerd's
+/// `containerd.io/snapshot/max-size`.
 #[test]
 fn size_label() {
     let h = &Harness::start("grpc-size");
@@ -269,6 +289,40 @@ fn size_label() {
         c.prepare("child", Some("bigc"), none())
             .await
             .expect("inherits the parent's size");
+
+        // containerd's own label (2.4+, decimal bytes) works the same way.
+        let max = |s: &str| labels(&[(thinpool_server::MAX_SIZE_LABEL, s)]);
+        let m = c
+            .prepare("max", Some("bigc"), max(&(768u64 << 20).to_string()))
+            .await
+            .expect("prepare with max-size");
+        let dir = h.mount(&m[0], "max");
+        let st = nix::sys::statvfs::statvfs(&dir).unwrap();
+        let total = st.blocks() as u64 * st.fragment_size() as u64;
+        assert!(total > 640 << 20, "filesystem grown to max-size: {total}");
+        h.unmount(&dir);
+        assert_eq!(
+            code(c.prepare("bad", Some("bigc"), max("268435456")).await),
+            Code::InvalidArgument,
+            "max-size below the parent's size"
+        );
+        // Both labels: the same size (written either way) is fine, different ones are not.
+        let both = |a: &str, b: &str| {
+            labels(&[
+                (thinpool_server::SIZE_LABEL, a),
+                (thinpool_server::MAX_SIZE_LABEL, b),
+            ])
+        };
+        c.prepare("both", None, both("512M", "536870912"))
+            .await
+            .expect("two labels, one size");
+        let e = c
+            .prepare("bad", None, both("512M", "1073741824"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("disagree"), "{e}");
+        assert_eq!(code(c.stat("bad").await), Code::NotFound);
     });
 }
 
@@ -443,12 +497,40 @@ fn usage() {
         c.commit("uc", "u", none()).await.unwrap();
         let (committed, _) = c.usage("uc").await.unwrap();
         assert!(committed >= 16 << 20, "committed usage {committed}");
-        c.prepare("child", Some("uc"), none()).await.unwrap();
+        let m = c.prepare("child", Some("uc"), none()).await.unwrap();
         let (child, _) = c.usage("child").await.unwrap();
         assert!(
             child < 4 << 20,
             "a fresh child shares its parent's data; usage {child}"
         );
+        // The child writes 8 MiB of its own: that is its usage; the layer keeps its own
+        // 16 MiB (on reflink, shared extents would otherwise count for neither).
+        let dir = h.mount(&m[0], "child");
+        write_file(&dir.join("more"), &pattern(8, 8 << 20));
+        h.unmount(&dir);
+        let (child, _) = c.usage("child").await.unwrap();
+        assert!(
+            (8 << 20..12 << 20).contains(&child),
+            "child usage {child} after writing 8 MiB"
+        );
+        assert_eq!(
+            c.usage("uc").await.unwrap().0,
+            committed,
+            "a layer's usage does not change with its children"
+        );
+        c.commit("cc", "child", none()).await.unwrap();
+        let (cc, _) = c.usage("cc").await.unwrap();
+        assert!(
+            (8 << 20..12 << 20).contains(&cc),
+            "committed child usage {cc}"
+        );
+        c.view("v", Some("cc"), none()).await.unwrap();
+        assert!(
+            c.usage("v").await.unwrap().0 < 1 << 20,
+            "a view adds nothing"
+        );
+        assert_eq!(c.usage("uc").await.unwrap().0, committed);
+        assert_eq!(c.usage("cc").await.unwrap().0, cc);
     });
 }
 

@@ -117,6 +117,7 @@ fn ghost(id: u32, name_: &str) -> DeviceRecord {
         labels: BTreeMap::new(),
         created_ns: 0,
         updated_ns: 0,
+        usage: None,
     }
 }
 

@@ -397,6 +397,14 @@ fn usage_grows_with_writes() {
     fx.snapshot("d", Some("layer-c"), DeviceKind::Active);
     assert!(fx.pool().usage(&name("d")).unwrap().0 < MIB);
     assert!(fx.pool().usage(&name("layer-c")).unwrap().0 < MIB);
+    // containerd's Usage of the layer is what it added over its parent, children or not:
+    // measured at commit.
+    let layer = fx.pool().snapshot_usage(&name("layer-c")).unwrap();
+    assert!(
+        (64 * MIB..80 * MIB).contains(&layer.0),
+        "layer-c usage {layer} (64 MiB written)"
+    );
+    assert!(fx.pool().snapshot_usage(&name("d")).unwrap().0 < MIB);
 }
 
 #[test]

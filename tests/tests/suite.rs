@@ -279,6 +279,96 @@ fn usage_grows_with_writes() {
     );
 }
 
+/// containerd's Usage: what each snapshot adds over its parent, whatever its children, and
+/// read without activating anything. Committed layers keep the figure their commit measured
+/// (on reflink a layer's own unshared count falls to ~0 once it has children); a record
+/// from a build that did not store it is measured again on demand.
+#[test]
+fn snapshot_usage_is_what_each_layer_adds() {
+    const MIB: u64 = 1 << 20;
+    let root = pool_dir("layer-usage", false);
+    let spec = small_spec(&root);
+    let mut tp = TestPool::open(&spec);
+    make_layer(&mut tp, "k1", "l1", None, "one", &pattern(1, 16 << 20));
+    make_layer(&mut tp, "k2", "l2", Some("l1"), "two", &pattern(2, 8 << 20));
+    tp.pool()
+        .snapshot(request("c", Some("l2"), DeviceKind::Active))
+        .unwrap();
+    let dir = tp.mount("c");
+    write_file(&dir.join("three"), &pattern(3, 4 << 20));
+    tp.unmount(&dir);
+    tp.pool()
+        .snapshot(request("v", Some("l2"), DeviceKind::View))
+        .unwrap();
+    let usage = |tp: &TestPool, n: &str| tp.pool().snapshot_usage(&name(n)).unwrap().0;
+    let figures = |tp: &TestPool| -> Vec<u64> {
+        ["l1", "l2", "c", "v"]
+            .iter()
+            .map(|n| usage(tp, n))
+            .collect()
+    };
+    let first = figures(&tp);
+    println!("usage l1, l2, c, v: {first:?}");
+    let within = |what: &str, got: u64, lo: u64, hi: u64| {
+        assert!(
+            (lo * MIB..hi * MIB).contains(&got),
+            "{what}: usage {got}, expected {lo}..{hi} MiB"
+        );
+    };
+    within("l1 (16 MiB written)", first[0], 16, 20);
+    within("l2 (8 MiB written)", first[1], 8, 12);
+    within("c (4 MiB written)", first[2], 4, 8);
+    within("v (a view)", first[3], 0, 1);
+
+    // Reading usage (and every device's mapped bytes, as ListDevices and /metrics do)
+    // activates nothing: "c" is now inactive, the layers and the base device always were.
+    tp.pool().deactivate(&name("c")).unwrap();
+    tp.pool().deactivate(&name("v")).unwrap();
+    let active = tp.pool().active_devices().unwrap();
+    assert_eq!(figures(&tp), first, "the same figures for inactive devices");
+    let all = tp.pool().mapped_bytes_all().unwrap();
+    assert_eq!(all.len(), 5, "base, l1, l2, c, v");
+    for (rec, _) in &all {
+        tp.pool().usage_by_id(rec.id).unwrap();
+    }
+    assert_eq!(
+        tp.pool().active_devices().unwrap(),
+        active,
+        "reading usage activated a device"
+    );
+
+    // The figures survive a restart, and records without a stored figure (an older
+    // build's) are measured again: the same figures.
+    tp.close(false);
+    let store = thinpool::store::Store::open(&root.join("pool.redb")).unwrap();
+    let stored: Vec<_> = store
+        .read(|r| r.devices())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.usage.is_some())
+        .collect();
+    let cleared = stored.len();
+    store
+        .write(|w| {
+            for mut rec in stored {
+                rec.usage = None;
+                w.put_device(&rec)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    drop(store);
+    assert_eq!(cleared, 2, "l1 and l2 had stored figures");
+    tp.reopen(&spec);
+    assert_eq!(figures(&tp), first, "measured again after reopen");
+    assert_eq!(
+        tp.pool().active_devices().unwrap(),
+        active,
+        "measuring activated a device"
+    );
+    tp.assert_audit_clean();
+}
+
 /// The per-device figures for metrics: every ready device, in one backend call (dm: one
 /// `thin_ls`), agreeing with the per-device `usage`; the engine's latency histograms count
 /// the calls made.

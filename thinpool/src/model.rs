@@ -428,6 +428,13 @@ pub struct DeviceRecord {
     /// Unix time in nanoseconds.
     pub created_ns: u64,
     pub updated_ns: u64,
+    /// What the device adds over its parent (containerd's Usage), measured at commit: a
+    /// committed device no longer changes, and on reflink its own count would fall once it
+    /// has children (shared extents count for nobody). `None` before commit, and for
+    /// records committed by a build that did not measure it (the engine then measures it
+    /// when asked, see [`crate::Pool::snapshot_usage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Bytes>,
 }
 
 /// What an exec component needs to mount a device.

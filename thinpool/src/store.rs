@@ -621,6 +621,7 @@ mod tests {
             labels: BTreeMap::new(),
             created_ns: 0,
             updated_ns: 0,
+            usage: None,
         }
     }
 

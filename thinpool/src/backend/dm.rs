@@ -9,7 +9,7 @@
 //!
 //! Every call here is a blocking ioctl through the devicemapper crate; we never fork dmsetup.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -64,6 +64,14 @@ pub struct DmBackend {
     /// The kernel keeps one metadata snapshot at a time: concurrent `thin_ls` runs (an
     /// audit and a scrape, two scrapes) take turns.
     metadata_snap: parking_lot::Mutex<()>,
+    /// Mapped bytes of inactive devices. A device's mapping changes only while it is
+    /// active, so a figure read when it was deactivated (its last status), or by one
+    /// `thin_ls` for all of them, holds until it is activated, created or deleted. Usage
+    /// (CRI asks every 10 s) and Commit then read no metadata snapshot. Ordering: every
+    /// kernel change of a device drops its entry *after* the change, and a fill holds the
+    /// lock from its look at the active devices to its inserts, so a fill never leaves an
+    /// entry for a device that a concurrent change has made active or new.
+    inactive_mapped: parking_lot::Mutex<HashMap<ThinId, Bytes>>,
 }
 
 /// The kernel names of a pool's objects.
@@ -326,6 +334,7 @@ impl DmBackend {
             .low_water_mark;
         let backend = DmBackend {
             metadata_snap: parking_lot::Mutex::new(()),
+            inactive_mapped: parking_lot::Mutex::new(HashMap::new()),
             dm,
             names,
             paths: paths.clone(),
@@ -686,12 +695,16 @@ impl DmBackend {
         Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
     }
 
-    /// Thin status of an active device: mapped sectors.
-    fn thin_mapped(&self, id: ThinId) -> Result<Bytes> {
-        let (_, lines) = self
+    /// Thin status of the device, if active: mapped sectors. `None`: not active.
+    fn thin_mapped(&self, id: ThinId) -> Result<Option<Bytes>> {
+        let (_, lines) = match self
             .dm
             .table_status(&DevId::Name(&self.names.thin(id)), DmOptions::default())
-            .map_err(dm_err(format!("status of thin {id}")))?;
+        {
+            Ok(s) => s,
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
+            Err(e) => return Err(Error::dm(format!("status of thin {id}"), e)),
+        };
         let line = lines.first().map(|l| l.3.as_str()).unwrap_or("");
         let mapped: u64 = line
             .split_whitespace()
@@ -701,7 +714,7 @@ impl DmBackend {
                 context: format!("status of thin {id}"),
                 message: format!("unexpected status line {line:?}"),
             })?;
-        Ok(Bytes(mapped * 512))
+        Ok(Some(Bytes(mapped * 512)))
     }
 
     fn create_thin_dev(
@@ -737,6 +750,12 @@ impl DmBackend {
         Ok(())
     }
 
+    /// Mapped bytes of every device, from one `thin_ls` (the metadata's last commit; a
+    /// metadata snapshot is taken after a commit).
+    fn thin_ls_mapped(&self) -> Result<BTreeMap<ThinId, Bytes>> {
+        parse_thin_ls_mapped(&self.thin_ls(&["DEV,MAPPED_SECTORS"])?)
+    }
+
     /// `thin_ls --no-headers -o FIELDS` on a metadata snapshot, which lets it read
     /// consistent metadata while the pool is live; the snapshot is released on every path.
     fn thin_ls(&self, fields: &[&str]) -> Result<String> {
@@ -770,6 +789,27 @@ impl DmBackend {
         released?;
         Ok(listed)
     }
+}
+
+/// `thin_ls` mapped bytes of every device in the pool's metadata.
+fn parse_thin_ls_mapped(listed: &str) -> Result<BTreeMap<ThinId, Bytes>> {
+    let mut out = BTreeMap::new();
+    for line in listed.lines().filter(|l| !l.trim().is_empty()) {
+        let mut f = line.split_whitespace();
+        let (Some(dev), Some(sectors)) = (f.next(), f.next()) else {
+            return Err(Error::Inconsistent(format!("thin_ls printed {line:?}")));
+        };
+        let parse = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))
+        };
+        let id = ThinId::new(
+            u32::try_from(parse(dev)?)
+                .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))?,
+        )?;
+        out.insert(id, Bytes(parse(sectors)?.saturating_mul(512)));
+    }
+    Ok(out)
 }
 
 /// Removes every kernel device named for this pool: thins first, then pool, data, meta.
@@ -856,8 +896,11 @@ impl Backend for DmBackend {
     }
 
     fn create_thin(&self, id: ThinId, _size: Bytes) -> Result<u64> {
-        self.message_and_commit(&format!("create_thin {id}"))
-            .map_err(|e| Error::dm(format!("create_thin {id}"), e))
+        let made = self
+            .message_and_commit(&format!("create_thin {id}"))
+            .map_err(|e| Error::dm(format!("create_thin {id}"), e));
+        self.inactive_mapped.lock().remove(&id);
+        made
     }
 
     fn create_snapshot(&self, id: ThinId, origin: ThinId, _size: Bytes) -> Result<u64> {
@@ -881,6 +924,7 @@ impl Backend for DmBackend {
             // Resume on every path: a suspended origin hangs its users.
             self.resume_origin(origin, &origin_id, made.as_ref().err())?;
         }
+        self.inactive_mapped.lock().remove(&id);
         made
     }
 
@@ -893,6 +937,7 @@ impl Backend for DmBackend {
             }
             Err(e) => return Err(Error::dm(format!("delete {id}"), e)),
         }
+        self.inactive_mapped.lock().remove(&id);
         self.bump_txn()
             .map_err(|e| Error::dm(format!("commit delete {id}"), e))
     }
@@ -901,20 +946,26 @@ impl Backend for DmBackend {
         let name = self.names.thin(id);
         if !self.thin_exists(id)? {
             self.create_thin_dev(&name, id, size, read_only)?;
+            self.inactive_mapped.lock().remove(&id);
         }
         self.thin_node(id)
     }
 
     fn deactivate(&self, id: ThinId) -> Result<()> {
         let name = self.names.thin(id);
-        if !self.thin_exists(id)? {
+        // The last status: a device that nobody has open has no write in flight, and a
+        // device somebody opens in between fails the remove below.
+        let Some(last) = self.thin_mapped(id)? else {
             return Ok(());
-        }
+        };
         match self
             .dm
             .device_remove(&DevId::Name(&name), DmOptions::default())
         {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.inactive_mapped.lock().insert(id, last);
+                Ok(())
+            }
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
                 Err(Error::FailedPrecondition(format!(
                     "thin device {id} is in use (mounted or open); unmount it first"
@@ -935,15 +986,26 @@ impl Backend for DmBackend {
         Ok(out)
     }
 
-    fn mapped_bytes(&self, id: ThinId, size: Bytes) -> Result<Bytes> {
-        if self.thin_exists(id)? {
-            return self.thin_mapped(id);
+    /// An active device: its thin status (one ioctl). An inactive one: its last status, or
+    /// one `thin_ls` on a metadata snapshot for every inactive device (the kernel reports
+    /// status only for active devices, and activating one to read it costs a table load, a
+    /// resume and a remove). See `inactive_mapped`.
+    fn mapped_bytes(&self, id: ThinId, _size: Bytes) -> Result<Bytes> {
+        if let Some(mapped) = self.thin_mapped(id)? {
+            return Ok(mapped);
         }
-        // The kernel reports usage only for an active device: activate it briefly.
-        self.create_thin_dev(&self.names.thin(id), id, size, true)?;
-        let mapped = self.thin_mapped(id);
-        self.deactivate(id)?;
-        mapped
+        let mut cache = self.inactive_mapped.lock();
+        if let Some(b) = cache.get(&id) {
+            return Ok(*b);
+        }
+        // One thin_ls for every inactive device, under the lock (see inactive_mapped).
+        let active = self.active_devices()?;
+        let listed = self.thin_ls_mapped()?;
+        cache.extend(listed.into_iter().filter(|(i, _)| !active.contains_key(i)));
+        cache
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("thin id {id} is not in the pool's metadata")))
     }
 
     /// One `thin_ls` on a metadata snapshot for every device (active or not), instead of
@@ -951,26 +1013,11 @@ impl Backend for DmBackend {
     /// last commit, which is what a scrape needs.
     fn mapped_bytes_many(&self, ids: &[(ThinId, Bytes)]) -> Result<BTreeMap<ThinId, Bytes>> {
         let wanted: BTreeSet<ThinId> = ids.iter().map(|(id, _)| *id).collect();
-        let listed = self.thin_ls(&["DEV,MAPPED_SECTORS"])?;
-        let mut out = BTreeMap::new();
-        for line in listed.lines().filter(|l| !l.trim().is_empty()) {
-            let mut f = line.split_whitespace();
-            let (Some(dev), Some(sectors)) = (f.next(), f.next()) else {
-                return Err(Error::Inconsistent(format!("thin_ls printed {line:?}")));
-            };
-            let parse = |s: &str| {
-                s.parse::<u64>()
-                    .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))
-            };
-            let id = ThinId::new(
-                u32::try_from(parse(dev)?)
-                    .map_err(|_| Error::Inconsistent(format!("thin_ls printed {line:?}")))?,
-            )?;
-            if wanted.contains(&id) {
-                out.insert(id, Bytes(parse(sectors)?.saturating_mul(512)));
-            }
-        }
-        Ok(out)
+        Ok(self
+            .thin_ls_mapped()?
+            .into_iter()
+            .filter(|(id, _)| wanted.contains(id))
+            .collect())
     }
 
     fn list_ids(&self) -> Result<BTreeSet<ThinId>> {

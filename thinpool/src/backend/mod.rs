@@ -54,8 +54,21 @@ pub trait Backend: Send + Sync {
     fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>>;
 
     /// Bytes the device maps (dm: allocated data blocks; reflink: allocated extents not
-    /// shared with other devices). The device may be active or not.
+    /// shared with other devices). The device may be active or not; it is never activated
+    /// to read this (CRI asks for usage every 10 s).
     fn mapped_bytes(&self, id: ThinId, size: Bytes) -> Result<Bytes>;
+
+    /// Bytes of `id` that `parent` (its origin) does not hold at the same place: what the
+    /// device added since it was snapshotted, whatever else shares its blocks. Never
+    /// activates. The default is the difference of [`Backend::mapped_bytes`], which is what
+    /// dm can tell without walking both devices' mappings (a rewritten shared block counts
+    /// for nothing); reflink compares the two files' extents.
+    fn added_bytes(&self, id: ThinId, parent: ThinId) -> Result<Bytes> {
+        // The sizes are not used by either backend's mapped_bytes.
+        let mine = self.mapped_bytes(id, Bytes(0))?;
+        let theirs = self.mapped_bytes(parent, Bytes(0))?;
+        Ok(Bytes(mine.0.saturating_sub(theirs.0)))
+    }
 
     /// [`Backend::mapped_bytes`] of many devices (`(id, size)`) at once, for metrics; ids
     /// the backend does not have (removed meanwhile) are left out. The default asks device

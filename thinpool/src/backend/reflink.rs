@@ -501,6 +501,21 @@ impl Backend for ReflinkBackend {
         unshared_bytes(&f).map_err(|e| io_error("FIEMAP", &file, e))
     }
 
+    /// Compares the two files' extents ([`bytes_not_shared_with`]): exact, whatever other
+    /// files share the blocks. Two FIEMAP passes.
+    fn added_bytes(&self, id: ThinId, parent: ThinId) -> Result<Bytes> {
+        let read = |id: ThinId| {
+            let file = self.device_file(id);
+            File::open(&file)
+                .and_then(|f| extents(&f))
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Error::NotFound(format!("thin id {id} has no file")),
+                    _ => io_error("FIEMAP", &file, e),
+                })
+        };
+        Ok(Bytes(bytes_not_shared_with(&read(id)?, &read(parent)?)))
+    }
+
     /// The ids of the files in `devices/`, read from the XFS.
     fn list_ids(&self) -> Result<BTreeSet<ThinId>> {
         let entries =
@@ -1129,10 +1144,22 @@ nix::ioctl_readwrite!(fs_ioc_fiemap, b'f', 11, FiemapHeader);
 /// Sums the lengths of `f`'s extents that are not shared (nor delayed, which FIEMAP_FLAG_SYNC
 /// should have flushed anyway).
 fn unshared_bytes(f: &File) -> io::Result<Bytes> {
+    let mut total = 0u64;
+    for_each_extents(f, |extents| {
+        total += extents
+            .iter()
+            .filter(|e| e.fe_flags & (FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_DELALLOC) == 0)
+            .map(|e| e.fe_length)
+            .sum::<u64>();
+    })?;
+    Ok(Bytes(total))
+}
+
+/// Calls `f` with each batch of `file`'s extents, in logical order (FIEMAP, flushing first).
+fn for_each_extents(file: &File, mut f: impl FnMut(&[FiemapExtent])) -> io::Result<()> {
     // SAFETY: all-zero is a valid FiemapRequest (plain integers).
     let mut req: Box<FiemapRequest> = Box::new(unsafe { std::mem::zeroed() });
     let mut start = 0u64;
-    let mut total = 0u64;
     loop {
         req.header = FiemapHeader {
             fm_start: start,
@@ -1143,26 +1170,90 @@ fn unshared_bytes(f: &File) -> io::Result<Bytes> {
             fm_reserved: 0,
         };
         // SAFETY: the header is followed by room for fm_extent_count extents.
-        unsafe { fs_ioc_fiemap(f.as_raw_fd(), &mut req.header) }.map_err(io::Error::from)?;
+        unsafe { fs_ioc_fiemap(file.as_raw_fd(), &mut req.header) }.map_err(io::Error::from)?;
         let n = req.header.fm_mapped_extents as usize;
         let extents = &req.extents[..n.min(FIEMAP_BATCH)];
         let Some(last) = extents.last() else { break };
-        total += extents
-            .iter()
-            .filter(|e| e.fe_flags & (FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_DELALLOC) == 0)
-            .map(|e| e.fe_length)
-            .sum::<u64>();
+        f(extents);
         if last.fe_flags & FIEMAP_EXTENT_LAST != 0 {
             break;
         }
         start = last.fe_logical + last.fe_length;
     }
-    Ok(Bytes(total))
+    Ok(())
+}
+
+/// One mapped range of a file: logical offset, physical offset, length (bytes).
+type Extent = (u64, u64, u64);
+
+/// `file`'s mapped extents (delayed ones left out, as in [`unshared_bytes`]).
+fn extents(file: &File) -> io::Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    for_each_extents(file, |batch| {
+        out.extend(
+            batch
+                .iter()
+                .filter(|e| e.fe_flags & FIEMAP_EXTENT_DELALLOC == 0)
+                .map(|e| (e.fe_logical, e.fe_physical, e.fe_length)),
+        );
+    })?;
+    Ok(out)
+}
+
+/// Bytes of `child`'s extents that `parent` does not map at the same logical offset to the
+/// same physical block: what the child wrote since it was cloned. Both lists are sorted by
+/// logical offset and their extents do not overlap (FIEMAP's order); one merge pass.
+fn bytes_not_shared_with(child: &[Extent], parent: &[Extent]) -> u64 {
+    let mut same = 0u64;
+    let mut j = 0;
+    for &(cl, cp, clen) in child {
+        let cend = cl + clen;
+        // Parent extents ending at or before this child extent cannot overlap it, nor any
+        // later one.
+        while j < parent.len() && parent[j].0 + parent[j].2 <= cl {
+            j += 1;
+        }
+        let mut k = j;
+        while k < parent.len() && parent[k].0 < cend {
+            let (pl, pp, plen) = parent[k];
+            // Same block at the same offset: the logical-to-physical shift is equal.
+            if cp.wrapping_sub(cl) == pp.wrapping_sub(pl) {
+                same += cend.min(pl + plen) - cl.max(pl);
+            }
+            k += 1;
+        }
+    }
+    child.iter().map(|e| e.2).sum::<u64>() - same
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extent_comparison_counts_only_what_differs() {
+        const K: u64 = 4096;
+        // In 4 KiB blocks: the parent maps blocks [0, 2) at 100 and [4, 8) at 200.
+        let parent = [(0, 100 * K, 2 * K), (4 * K, 200 * K, 4 * K)];
+        // A fresh clone: the same extents.
+        assert_eq!(bytes_not_shared_with(&parent, &parent), 0);
+        // The child rewrote block 1 and added block 2 (one extent at 500), and rewrote
+        // block 5 (at 900); blocks 0, 4, 6 and 7 are still the parent's.
+        let child = [
+            (0, 100 * K, K),
+            (K, 500 * K, 2 * K),
+            (4 * K, 200 * K, K),
+            (5 * K, 900 * K, K),
+            (6 * K, 202 * K, 2 * K),
+        ];
+        assert_eq!(bytes_not_shared_with(&child, &parent), 3 * K);
+        // Nothing in common with an empty parent; an empty child adds nothing.
+        assert_eq!(bytes_not_shared_with(&child, &[]), 7 * K);
+        assert_eq!(bytes_not_shared_with(&[], &parent), 0);
+        // A child extent spanning both parent extents, at the second one's shift only.
+        let spanning = [(0, 196 * K, 8 * K)];
+        assert_eq!(bytes_not_shared_with(&spanning, &parent), 4 * K);
+    }
 
     #[test]
     fn mountinfo_escapes() {
