@@ -4,7 +4,8 @@
 //! Start-up: read the settings (flags over `--config` TOML over defaults), create or open
 //! the pool (reassembling it after a restart or a reboot, reconciling unfinished
 //! operations), bind the socket, serve. SIGTERM/SIGINT: stop accepting, let in-flight
-//! requests finish, exit; devices stay active for the containers using them.
+//! requests finish, exit; devices stay active for the containers using them, unless
+//! `--teardown-on-exit` asks to take the pool out of the kernel.
 
 use std::path::PathBuf;
 
@@ -83,6 +84,11 @@ struct Args {
     /// series per device, so off by default.
     #[arg(long)]
     metrics_per_device: bool,
+    /// On SIGTERM/SIGINT, after serving stops, take the pool out of the kernel: every
+    /// device, the pool, its loop devices and (reflink) the data mount, as a reboot would.
+    /// For tests and one-off pools; a plain stop keeps devices active for containers.
+    #[arg(long)]
+    teardown_on_exit: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -206,6 +212,7 @@ async fn main() -> Result<()> {
         .context("setting up the socket")?;
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
 
+    let handle = pool.clone();
     let service = Service::new(
         pool,
         StaticInfo {
@@ -226,7 +233,12 @@ async fn main() -> Result<()> {
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }
-    // Devices stay active: containers may still be using them.
+    // Without --teardown-on-exit devices stay active: containers may still be using them.
+    if args.teardown_on_exit {
+        thinpool_server::take_down(&handle)
+            .await
+            .context("--teardown-on-exit: tearing the pool down")?;
+    }
     info!("stopped");
     Ok(())
 }

@@ -1247,9 +1247,19 @@ impl Pool {
     /// the containers using them.
     pub fn close(self, teardown: bool) -> Result<()> {
         if teardown {
-            self.backend.teardown()?;
+            self.teardown()?;
         }
         Ok(())
+    }
+
+    /// Takes the pool out of the kernel, as a reboot would: every device, the pool, its loop
+    /// devices and (reflink) the data mount; the pool's files and records stay, and the next
+    /// open reassembles it. Precondition: no device is mounted or open (else
+    /// `FailedPrecondition`), and no other call runs on this pool meanwhile; callers stop
+    /// serving first.
+    pub fn teardown(&self) -> Result<()> {
+        let _grow = self.grow_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.backend.teardown()
     }
 }
 
