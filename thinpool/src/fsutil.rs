@@ -101,13 +101,16 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
 /// mounted (it is a snapshot we just made).
 ///
 /// ext4 is grown offline (`e2fsck -f -p`, then `resize2fs`): online growth needs
-/// CAP_SYS_RESOURCE, which containerised daemons often lack. xfs grows only when mounted, so
+/// CAP_SYS_RESOURCE, which containerised daemons often lack. e2fsck recreates `lost+found`,
+/// so it is removed again ([`remove_lost_found`]). xfs grows only when mounted, so
 /// it is mounted privately under `scratch` for `xfs_growfs`.
 pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     match fs {
         FsType::Ext4 => {
             check_ext4(dev)?;
-            run("resize2fs", &[dev.as_os_str()]).map(drop)
+            run("resize2fs", &[dev.as_os_str()])?;
+            // e2fsck -p makes a lost+found wherever it finds none; snapshots have none.
+            remove_lost_found(fs, dev, scratch)
         }
         FsType::Xfs => {
             use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -129,6 +132,42 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
             unmounted
         }
     }
+}
+
+/// Removes the empty `lost+found` that mkfs.ext4 (and e2fsck) leave in the root directory:
+/// containerd expects a new snapshot to be empty, and the directory would otherwise show up
+/// in every container and in every first layer exported from one. It is mounted privately
+/// at `scratch` for the kernel to do it. A `lost+found` that holds something (files e2fsck
+/// recovered) is kept. xfs has none. Precondition: nobody else has `dev` mounted.
+pub fn remove_lost_found(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    if fs != FsType::Ext4 {
+        return Ok(());
+    }
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    mount(
+        Some(dev),
+        scratch,
+        Some("ext4"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("mount to remove lost+found", dev, e.into()))?;
+    let dir = scratch.join("lost+found");
+    let removed = match std::fs::remove_dir(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!(dev = %dev.display(), "lost+found holds recovered files; kept");
+            Ok(())
+        }
+        Err(e) => Err(Error::io("remove", &dir, e)),
+    };
+    let unmounted = umount2(scratch, MntFlags::empty())
+        .map_err(|e| Error::io("unmount after removing lost+found", scratch, e.into()));
+    let _ = std::fs::remove_dir(scratch);
+    removed?;
+    unmounted
 }
 
 /// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)
