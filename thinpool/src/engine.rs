@@ -634,6 +634,9 @@ impl Pool {
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
             }
+            if rec.kind == DeviceKind::View {
+                self.replay_view_journal(rec.id, rec.size)?;
+            }
             if req.activate {
                 // A crash from here on still rolls the create back, deactivating first.
                 let _guard = self.locks.lock(rec.id);
@@ -663,6 +666,32 @@ impl Pool {
             w.advance_transaction_id(txn)
         })?;
         Ok(done)
+    }
+
+    /// Makes a new view mountable from its read-only device. ext4 refuses to mount, from a
+    /// read-only device, a filesystem whose journal needs recovery, and a parent committed
+    /// while mounted has one: the Commit's flush froze it clean, but the thaw marks the
+    /// journal for recovery again while it stays mounted. So the view's own copy has its
+    /// journal replayed once on a writable activation (mount and unmount), before it is
+    /// only ever activated read-only. Precondition: the view is being created (its record
+    /// is `Creating`, so a crash rolls this back) and is inactive; it is left inactive.
+    fn replay_view_journal(&self, id: ThinId, size: Bytes) -> Result<()> {
+        let fs = self.settings().fs;
+        if fs != FsType::Ext4 {
+            return Ok(());
+        }
+        let _guard = self.locks.lock(id);
+        let dev = self.backend.activate(id, size, true)?;
+        let needs = fsutil::ext4_needs_recovery(&dev);
+        self.backend.deactivate(id)?;
+        if !needs? {
+            return Ok(());
+        }
+        debug!(id = %id, "replaying the journal of a new view");
+        let dev = self.backend.activate(id, size, false)?;
+        let replayed = fsutil::replay_journal(fs, &dev, &self.scratch_dir(id));
+        self.backend.deactivate(id)?;
+        replayed
     }
 
     /// Where the engine mounts device `id` privately for a moment (filesystem grow, base

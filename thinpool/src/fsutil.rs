@@ -170,6 +170,40 @@ pub fn remove_lost_found(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     unmounted
 }
 
+/// Whether the ext4 filesystem on `dev` has its journal marked for recovery
+/// (`EXT4_FEATURE_INCOMPAT_RECOVER` in the superblock): it was mounted read-write when its
+/// state was taken.
+pub fn ext4_needs_recovery(dev: &Path) -> Result<bool> {
+    // Superblock at byte 1024; s_feature_incompat (le32) at offset 0x60; RECOVER = 0x4.
+    let mut f = File::open(dev).map_err(|e| Error::io("open device", dev, e))?;
+    let mut b = [0u8; 4];
+    f.seek(SeekFrom::Start(1024 + 0x60))
+        .and_then(|_| f.read_exact(&mut b))
+        .map_err(|e| Error::io("read superblock", dev, e))?;
+    Ok(u32::from_le_bytes(b) & 0x4 != 0)
+}
+
+/// Replays the journal of the filesystem on `dev` by mounting it privately at `scratch`
+/// and unmounting it again. Precondition: `dev` is writable and nobody else has it mounted.
+pub fn replay_journal(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    let fs_name = fs.to_string();
+    let options = (fs == FsType::Xfs).then_some("nouuid");
+    mount(
+        Some(dev),
+        scratch,
+        Some(fs_name.as_str()),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        options,
+    )
+    .map_err(|e| Error::io("mount to replay the journal", dev, e.into()))?;
+    let unmounted = umount2(scratch, MntFlags::empty())
+        .map_err(|e| Error::io("unmount after replaying the journal", scratch, e.into()));
+    let _ = std::fs::remove_dir(scratch);
+    unmounted
+}
+
 /// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)
 /// and 1 (fixed, e.g. an orphan list from an unclean unmount) are both fine to resize.
 fn check_ext4(dev: &Path) -> Result<()> {
