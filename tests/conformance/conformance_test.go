@@ -24,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -241,7 +242,7 @@ func leftovers(dir string) []string {
 		names, _ := filepath.Glob("/sys/block/dm-*/dm/name")
 		for _, p := range names {
 			b, err := os.ReadFile(p)
-			if err == nil && strings.Contains(string(b), tag) {
+			if err == nil && strings.HasPrefix(string(b), tag) {
 				out = append(out, "dm device "+strings.TrimSpace(string(b)))
 			}
 		}
@@ -249,25 +250,17 @@ func leftovers(dir string) []string {
 	return out
 }
 
-// poolTag finds the pool's tag (it names its dm devices: thinpool-<tag>-...) from the
-// daemon's log, where pool creation logs it; "" if unknown.
+// poolTag finds the prefix of the pool's dm devices (thinpool-<tag>-) in the daemon's log,
+// where the dm backend logs its pool's name; "" if there is none (reflink).
 func poolTag(dir string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "thinpoold.log"))
 	if err != nil {
 		return "", err
 	}
-	s := string(b)
-	i := strings.Index(s, "thinpool-")
-	if i < 0 {
-		return "", nil
-	}
-	s = s[i+len("thinpool-"):]
-	j := strings.IndexAny(s, "- \"\n")
-	if j != 8 {
-		return "", nil
-	}
-	return "thinpool-" + s[:8], nil
+	return poolTagRE.FindString(string(b)), nil
 }
+
+var poolTagRE = regexp.MustCompile(`thinpool-[0-9a-f]{8}-`)
 
 func unescape(s string) string {
 	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)

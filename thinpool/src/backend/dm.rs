@@ -342,6 +342,7 @@ impl DmBackend {
             txn: AtomicU64::new(txn),
         };
         backend.resume_suspended()?;
+        info!(pool = %backend.names.pool().to_string(), "dm thin pool assembled");
         if live_lwm != lwm {
             // A live pool keeps the mark it was loaded with; the autoextend settings (which
             // place it) may have changed since.
