@@ -110,6 +110,12 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    // Handlers first: a signal that arrives while the pool opens, or just after the socket
+    // appears, is then acted on once serving starts, rather than lost (an inherited
+    // SIG_IGN) or fatal before --teardown-on-exit could run.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -219,11 +225,10 @@ async fn main() -> Result<()> {
             library_version: library_version(backend),
         },
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: stopping; letting requests in flight finish"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
+            _ = int.recv() => info!("SIGINT: stopping; letting requests in flight finish"),
         }
     };
     thinpool_server::serve_counted(service, listener, shutdown, grpc_metrics).await?;

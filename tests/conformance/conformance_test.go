@@ -80,19 +80,18 @@ func TestSnapshotterSuite(t *testing.T) {
 	})
 }
 
-// startDaemon starts one thinpoold for one case and returns the proxy snapshotter on its
-// socket and the cleanup the suite calls after the case. `suiteRoot` is the directory the
-// suite made for the snapshotter (<tmp>/root); its parent holds the case's mount points.
-func startDaemon(t *testing.T, base, suiteRoot string) (snapshots.Snapshotter, func() error, error) {
-	dir, err := os.MkdirTemp(base, "case-")
+// daemon is one thinpoold process serving one case's pool.
+type daemon struct {
+	cmd    *exec.Cmd
+	exited chan error
+	log    *os.File
+}
+
+// spawn starts thinpoold on the pool under dir, serving on socket, with --teardown-on-exit.
+func spawn(dir, socket string) (*daemon, error) {
+	logFile, err := os.OpenFile(filepath.Join(dir, "thinpoold.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		return nil, nil, err
-	}
-	socket := filepath.Join(dir, "thinpool.sock")
-	logPath := filepath.Join(dir, "thinpoold.log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	cmd := exec.Command(*thinpoold,
 		"--root", filepath.Join(dir, "pool"),
@@ -112,11 +111,81 @@ func startDaemon(t *testing.T, base, suiteRoot string) (snapshots.Snapshotter, f
 	cmd.Env = append(os.Environ(), "RUST_LOG="+envOr("THINPOOL_CONFORMANCE_LOG", "info"))
 	if err := cmd.Start(); err != nil {
 		logFile.Close()
-		return nil, nil, fmt.Errorf("start %s: %w", *thinpoold, err)
+		return nil, fmt.Errorf("start %s: %w", *thinpoold, err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	d := &daemon{cmd: cmd, exited: make(chan error, 1), log: logFile}
+	go func() { d.exited <- cmd.Wait() }()
+	return d, nil
+}
 
+// waitServing waits until the daemon has made its socket (the first start creates the pool:
+// mkfs and, on dm, a kernel pool).
+func (d *daemon) waitServing(socket string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := os.Stat(socket); err == nil {
+			return nil
+		}
+		select {
+		case err := <-d.exited:
+			d.exited <- err
+			return fmt.Errorf("thinpoold exited before serving (%v)", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("thinpoold did not create %s within %v", socket, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop sends SIGTERM (the daemon then tears the pool down) and waits; after the timeout it
+// kills the daemon and says so.
+func (d *daemon) stop(timeout time.Duration) error {
+	defer d.log.Close()
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-d.exited:
+		if err != nil {
+			return fmt.Errorf("thinpoold exited with %v", err)
+		}
+		return nil
+	case <-time.After(timeout):
+		_ = d.cmd.Process.Kill()
+		<-d.exited
+		return fmt.Errorf("thinpoold did not stop within %v of SIGTERM; killed", timeout)
+	}
+}
+
+// rescue takes down a pool whose daemon had to be killed: a second daemon opens it (and
+// reconciles it) and tears it down at SIGTERM.
+func rescue(dir string) error {
+	socket := filepath.Join(dir, "rescue.sock")
+	d, err := spawn(dir, socket)
+	if err != nil {
+		return err
+	}
+	if err := d.waitServing(socket, 120*time.Second); err != nil {
+		d.stop(time.Second)
+		return err
+	}
+	return d.stop(60 * time.Second)
+}
+
+// startDaemon starts one thinpoold for one case and returns the proxy snapshotter on its
+// socket and the cleanup the suite calls after the case. `suiteRoot` is the directory the
+// suite made for the snapshotter (<tmp>/root); its parent holds the case's mount points.
+func startDaemon(t *testing.T, base, suiteRoot string) (snapshots.Snapshotter, func() error, error) {
+	dir, err := os.MkdirTemp(base, "case-")
+	if err != nil {
+		return nil, nil, err
+	}
+	socket := filepath.Join(dir, "thinpool.sock")
+	logPath := filepath.Join(dir, "thinpoold.log")
+	d, err := spawn(dir, socket)
+	if err != nil {
+		return nil, nil, err
+	}
 	var conn *grpc.ClientConn
 	stop := func() error {
 		if conn != nil {
@@ -129,18 +198,14 @@ func startDaemon(t *testing.T, base, suiteRoot string) (snapshots.Snapshotter, f
 		} else if n > 0 {
 			t.Logf("unmounted %d mount(s) the case left behind", n)
 		}
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case err := <-exited:
-			if err != nil {
-				errs = append(errs, fmt.Sprintf("thinpoold exited with %v", err))
+		if err := d.stop(60 * time.Second); err != nil {
+			errs = append(errs, err.Error())
+			if left := leftovers(dir); len(left) > 0 {
+				if err := rescue(dir); err != nil {
+					errs = append(errs, "rescue: "+err.Error())
+				}
 			}
-		case <-time.After(60 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-			errs = append(errs, "thinpoold did not stop within 60 s of SIGTERM; killed")
 		}
-		logFile.Close()
 		if left := leftovers(dir); len(left) > 0 {
 			errs = append(errs, "left behind: "+strings.Join(left, "; "))
 		}
@@ -153,25 +218,10 @@ func startDaemon(t *testing.T, base, suiteRoot string) (snapshots.Snapshotter, f
 		return os.RemoveAll(dir)
 	}
 
-	// The pool is created on the first start: mkfs and, on dm, a kernel pool.
-	deadline := time.Now().Add(120 * time.Second)
-	for {
-		if _, err := os.Stat(socket); err == nil {
-			break
-		}
-		select {
-		case err := <-exited:
-			exited <- err
-			b, _ := os.ReadFile(logPath)
-			stop()
-			return nil, nil, fmt.Errorf("thinpoold exited before serving (%v):\n%s", err, tail(string(b), 40))
-		default:
-		}
-		if time.Now().After(deadline) {
-			stop()
-			return nil, nil, fmt.Errorf("thinpoold did not create %s within 120 s", socket)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := d.waitServing(socket, 120*time.Second); err != nil {
+		b, _ := os.ReadFile(logPath)
+		stop()
+		return nil, nil, fmt.Errorf("%v:\n%s", err, tail(string(b), 40))
 	}
 	conn, err = grpc.Dial("unix://"+socket,
 		grpc.WithInsecure(), //nolint:staticcheck // Debian's grpc-go predates credentials/insecure

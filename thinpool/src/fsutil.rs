@@ -145,29 +145,47 @@ pub fn remove_lost_found(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Read-only first: a base that has none (every open after the first) is not written.
     mount(
         Some(dev),
         scratch,
         Some("ext4"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        flags | MsFlags::MS_RDONLY,
         None::<&str>,
     )
     .map_err(|e| Error::io("mount to remove lost+found", dev, e.into()))?;
     let dir = scratch.join("lost+found");
-    let removed = match std::fs::remove_dir(&dir) {
-        Ok(()) => Ok(()),
+    let removed = match std::fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-            tracing::warn!(dev = %dev.display(), "lost+found holds recovered files; kept");
-            Ok(())
-        }
-        Err(e) => Err(Error::io("remove", &dir, e)),
+        _ => mount(
+            None::<&str>,
+            scratch,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .map_err(|e| Error::io("remount read-write to remove lost+found", dev, e.into()))
+        .and_then(|()| remove_empty_dir(&dir, dev)),
     };
     let unmounted = umount2(scratch, MntFlags::empty())
         .map_err(|e| Error::io("unmount after removing lost+found", scratch, e.into()));
     let _ = std::fs::remove_dir(scratch);
     removed?;
     unmounted
+}
+
+/// Removes `dir` if it is empty; one that holds files (e2fsck's recoveries) is kept.
+fn remove_empty_dir(dir: &Path, dev: &Path) -> Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!(dev = %dev.display(), "lost+found holds recovered files; kept");
+            Ok(())
+        }
+        Err(e) => Err(Error::io("remove", dir, e)),
+    }
 }
 
 /// Whether the ext4 filesystem on `dev` has its journal marked for recovery

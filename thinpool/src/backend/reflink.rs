@@ -259,7 +259,8 @@ impl ReflinkBackend {
     fn attached(&self, id: ThinId) -> Option<PathBuf> {
         let mut loops = self.loops.lock();
         let dev = loops.get(&id)?.clone();
-        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) {
+        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) && !detaching(&dev)
+        {
             Some(dev)
         } else {
             loops.remove(&id);
@@ -513,11 +514,21 @@ impl Backend for ReflinkBackend {
 
     /// Scans the kernel's loop devices (not our map), so reconcile sees what is really
     /// attached; what it finds is added to the map.
+    ///
+    /// A loop device detaching at its last close (a Commit's deferred deactivation) is
+    /// listed, but not handed out again: a device of ours attached to the same file wins,
+    /// and it stays out of the map, so a later activate attaches a fresh one.
     fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> {
-        let found: BTreeMap<ThinId, PathBuf> = device_loops(&self.devices)?.into_iter().collect();
-        self.loops
-            .lock()
-            .extend(found.iter().map(|(id, dev)| (*id, dev.clone())));
+        let mut found: BTreeMap<ThinId, PathBuf> = BTreeMap::new();
+        let mut loops = self.loops.lock();
+        for (id, dev) in device_loops(&self.devices)? {
+            if detaching(&dev) {
+                found.entry(id).or_insert(dev);
+            } else {
+                loops.insert(id, dev.clone());
+                found.insert(id, dev);
+            }
+        }
         Ok(found)
     }
 
@@ -967,6 +978,12 @@ fn detach_unused(dev: &Path) -> Result<()> {
         sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// Whether the loop device detaches at its last close (autoclear). Ours never attach with
+/// autoclear, so it marks a deferred deactivation still in use.
+fn detaching(dev: &Path) -> bool {
+    fs::read_to_string(sysfs_loop_attr(dev, "autoclear")).is_ok_and(|s| s.trim() == "1")
 }
 
 /// `LOOP_CLR_FD` on a device that someone else has open: the kernel sets autoclear and
