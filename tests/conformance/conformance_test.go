@@ -118,12 +118,14 @@ func spawn(dir, socket string) (*daemon, error) {
 	return d, nil
 }
 
-// waitServing waits until the daemon has made its socket (the first start creates the pool:
-// mkfs and, on dm, a kernel pool).
+// waitServing waits until the daemon accepts connections on its socket (the first start
+// creates the pool: mkfs and, on dm, a kernel pool). The socket file alone is not enough:
+// it exists between the daemon's bind and listen, when a connect is refused.
 func (d *daemon) waitServing(socket string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		if _, err := os.Stat(socket); err == nil {
+		if c, err := net.Dial("unix", socket); err == nil {
+			c.Close()
 			return nil
 		}
 		select {
