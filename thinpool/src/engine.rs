@@ -538,8 +538,8 @@ impl Pool {
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
     /// `InvalidArgument` for a parent that is not committed, a bad kind or a size below the
-    /// parent's, `ResourceExhausted`
-    /// while the pool's free space is below `min_free_space` (the message says how to grow).
+    /// parent's, `ResourceExhausted` while the pool's free space is below `min_free_space`
+    /// (the message says how to grow).
     pub fn snapshot(&self, mut req: SnapshotRequest) -> Result<DeviceRecord> {
         let _t = self.timings.start(Operation::Snapshot);
         drop_empty_labels(&mut req.labels);
@@ -733,15 +733,16 @@ impl Pool {
         if let Some(l) = &labels {
             ids::validate_labels(l)?;
         }
+        // In containerd's order (storage's CommitActive): the name, then the key, then its kind.
         let check = |r: &crate::store::ReadView| -> Result<DeviceRecord> {
+            if r.device_by_name(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
+            }
             let rec = r
                 .device_by_name(key)?
                 .filter(|r| r.state == DeviceState::Ready)
                 .ok_or_else(|| Error::NotFound(format!("device {key:?}")))?;
             check_commit(&rec, key)?;
-            if r.device_by_name(name)?.is_some() {
-                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
-            }
             Ok(rec)
         };
         let id = self.store.read(|r| check(r))?.id;
@@ -758,15 +759,14 @@ impl Pool {
         failpoint::hit("commit:after_flush");
         let now = now_ns();
         let done = self.store.write(|w| {
-            let cur = w
+            if w.device_by_name(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
+            }
+            let mut cur = w
                 .device(id)?
                 .filter(|c| c.state == DeviceState::Ready && c.name.as_ref() == Some(key))
                 .ok_or_else(|| Error::NotFound(format!("device {key:?}")))?;
             check_commit(&cur, key)?;
-            if w.device_by_name(name)?.is_some() {
-                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
-            }
-            let mut cur = cur;
             cur.kind = DeviceKind::Committed;
             cur.name = Some(name.clone());
             cur.active = false;
