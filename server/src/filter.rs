@@ -12,7 +12,10 @@
 //!
 //! Several filter strings are OR'ed. Snapshot fields: `name`, `parent`, `kind`
 //! (`active`/`view`/`committed`) and `labels.<key>` (keys with dots quoted:
-//! `labels."containerd.io/snapshot.ref"`). Unknown fields match nothing, as in containerd.
+//! `labels."containerd.io/snapshot.ref"`). Matching follows containerd's `filters` package
+//! and its snapshot adaptor (docs/containerd-semantics.md): `name`, `parent` and `kind` are
+//! always present; an unknown field or a missing label is absent, which fails a presence
+//! test and `==`, but passes `!=` (containerd compares it as "").
 //! containerd's `~=` (regular expressions) is not supported: it is refused as invalid.
 
 use std::collections::HashMap;
@@ -83,16 +86,19 @@ pub struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// The field at `path`, `None` if absent: as containerd's `snapshots/storage` adaptor
+    /// (`adaptSnapshot` in bolt.go), `name`, `parent` and `kind` are always present (an
+    /// empty parent too), and only the first element of the path is looked at for them;
+    /// `labels.<key>` is present when the label is.
     fn get(&self, path: &[String]) -> Option<&str> {
         let (first, rest) = path.split_first()?;
-        let v = match first.as_str() {
-            "name" if rest.is_empty() => self.name,
-            "parent" if rest.is_empty() => self.parent,
-            "kind" if rest.is_empty() => self.kind,
-            "labels" if !rest.is_empty() => return self.labels.get(&rest.join(".")).map(|s| &**s),
-            _ => return None,
-        };
-        (!v.is_empty()).then_some(v)
+        match first.as_str() {
+            "name" => Some(self.name),
+            "parent" => Some(self.parent),
+            "kind" => Some(self.kind),
+            "labels" => self.labels.get(&rest.join(".")).map(|s| &**s),
+            _ => None,
+        }
     }
 }
 
@@ -155,11 +161,12 @@ impl Filters {
     pub fn matches(&self, fields: &Fields<'_>) -> bool {
         self.0.is_empty()
             || self.0.iter().any(|sels| {
+                // containerd's filters: "!=" compares an absent field as "" (so it is true
+                // for an absent field unless the value is empty); "==" needs the field.
                 sels.iter().all(|s| match (s.op, fields.get(&s.path)) {
                     (Op::Present, v) => v.is_some(),
-                    (Op::Eq, Some(v)) => v == s.value,
-                    (Op::Ne, Some(v)) => v != s.value,
-                    (_, None) => false,
+                    (Op::Eq, v) => v == Some(s.value.as_str()),
+                    (Op::Ne, v) => v.unwrap_or("") != s.value,
                 })
             })
     }
@@ -359,9 +366,9 @@ mod tests {
         let no = [
             "kind==active",
             "labels.b",
-            "labels.b!=1",
             "labels.a==1,kind==view",
             "nosuchfield==x",
+            "nosuchfield",
             r#"labels."containerd.io/snapshot.ref"==sha256:abd"#,
         ];
         for s in no {
@@ -374,10 +381,18 @@ mod tests {
                 .matches(&f)
         );
         assert!(Filters::parse::<&str>(&[]).unwrap().matches(&f));
-        // An empty parent is absent.
+        // containerd: "!=" on an absent field compares "" with the value.
+        for s in ["labels.b!=1", "nosuchfield!=x", r#"labels."x.y"!=z"#] {
+            assert!(
+                Filters::parse(&[s]).unwrap().matches(&f),
+                "{s} should match"
+            );
+        }
+        // An empty parent is present (containerd's adaptor always reports it) and is "".
         let top = fields("k", "", "active", &labels);
-        assert!(!Filters::parse(&["parent"]).unwrap().matches(&top));
-        assert!(!Filters::parse(&["parent!=x"]).unwrap().matches(&top));
+        assert!(Filters::parse(&["parent"]).unwrap().matches(&top));
+        assert!(Filters::parse(&["parent!=x"]).unwrap().matches(&top));
+        assert!(!Filters::parse(&["parent==x"]).unwrap().matches(&top));
     }
 
     #[test]

@@ -120,6 +120,17 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
     UnixListener::from_std(listener).map_err(io_err("register", path))
 }
 
+/// Takes the whole pool out of the kernel after serving stopped (`--teardown-on-exit`):
+/// every device, the pool, its loop devices and (reflink) the data mount. The pool's files
+/// and records stay; the next start reassembles the pool. Fails with `FailedPrecondition`
+/// while a device is still mounted or open; the rest is still taken down where it can be.
+pub async fn take_down(pool: &thinpool::AsyncPool) -> Result<(), thinpool::Error> {
+    info!("tearing the pool down");
+    pool.teardown().await?;
+    info!("pool torn down");
+    Ok(())
+}
+
 /// Serves both APIs on `listener` until `shutdown` resolves (without counting requests:
 /// thinpoold uses [`serve_counted`]), then stops accepting, lets
 /// in-flight requests finish and returns. The background reclaimer and the engine's space

@@ -7,7 +7,7 @@
 //! accepting, let in-flight requests finish, exit; devices stay active for the containers
 //! using them. The admin TakeDown request (`thinctl pool down`) takes the pool down, then the
 //! daemon exits the same way. Under systemd (`Type=notify`) it sends READY=1 once serving
-//! and STOPPING=1 on stop.
+//! and STOPPING=1 on stop. `--teardown-on-exit` takes the pool out of the kernel on stop.
 
 use std::path::PathBuf;
 
@@ -94,6 +94,11 @@ struct Args {
     /// host filesystem has free; refused otherwise.
     #[arg(long)]
     overcommit_host: bool,
+    /// On SIGTERM/SIGINT, after serving stops, take the pool out of the kernel: every
+    /// device, the pool, its loop devices and (reflink) the data mount, as a reboot would.
+    /// For tests and one-off pools; a plain stop keeps devices active for containers.
+    #[arg(long)]
+    teardown_on_exit: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -155,6 +160,12 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = Args::parse();
+    // Handlers first: a signal that arrives while the pool opens, or just after the socket
+    // appears, is then acted on once serving starts, rather than lost (an inherited
+    // SIG_IGN) or fatal before --teardown-on-exit could run.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -269,6 +280,7 @@ async fn main() -> Result<()> {
     });
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
 
+    let handle = pool.clone();
     let service = Service::new(
         pool,
         StaticInfo {
@@ -276,14 +288,13 @@ async fn main() -> Result<()> {
             max_device_overcommit: Some(config.max_device_overcommit),
         },
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let taken_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shutdown = {
         let (service, taken_down) = (service.clone(), taken_down.clone());
         async move {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM: stopping; letting requests in flight finish"),
-                _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping; letting requests in flight finish"),
+                _ = int.recv() => info!("SIGINT: stopping; letting requests in flight finish"),
                 _ = service.taken_down() => {
                     taken_down.store(true, std::sync::atomic::Ordering::Relaxed);
                     info!("the pool was taken down (TakeDown): stopping");
@@ -301,6 +312,13 @@ async fn main() -> Result<()> {
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
+    }
+    // Without --teardown-on-exit (or TakeDown) devices stay active: containers may still be
+    // using them.
+    if args.teardown_on_exit && !taken_down.load(std::sync::atomic::Ordering::Relaxed) {
+        thinpool_server::take_down(&handle)
+            .await
+            .context("--teardown-on-exit: tearing the pool down")?;
     }
     if taken_down.load(std::sync::atomic::Ordering::Relaxed) {
         info!("stopped after TakeDown; the next start brings the pool back");

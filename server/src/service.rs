@@ -79,6 +79,17 @@ fn name(field: &str, s: &str) -> Result<DeviceName, Status> {
     DeviceName::new(s).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
+/// The key of a snapshot to look up: an empty one names no snapshot (NotFound, as
+/// containerd's storage answers for a missing bucket).
+fn existing_key(field: &str, s: &str) -> Result<DeviceName, Status> {
+    if s.is_empty() {
+        return Err(Status::not_found(format!(
+            "{field}: no snapshot has an empty key"
+        )));
+    }
+    name(field, s)
+}
+
 fn timestamp(ns: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (ns / 1_000_000_000) as i64,
@@ -288,26 +299,8 @@ impl Service {
         };
         let (spec, undone) = self
             .blocking(move |engine| {
-                if let Some(p) = &parent {
-                    let rec = match engine.device(p) {
-                        Ok(rec) if visible(&rec) => rec,
-                        Ok(_) => return Err(Status::not_found(format!("parent {:?}", p.as_str()))),
-                        Err(e) if e.kind() == ErrorKind::FailedPrecondition => {
-                            return Err(Status::not_found(format!(
-                                "parent {:?} (being created)",
-                                p.as_str()
-                            )));
-                        }
-                        Err(e) => return Err(status(e)),
-                    };
-                    if rec.kind != DeviceKind::Committed {
-                        return Err(Status::failed_precondition(format!(
-                            "parent {:?} is {}, not committed",
-                            p.as_str(),
-                            kind_str(rec.kind)
-                        )));
-                    }
-                }
+                // The engine checks the parent (NotFound, or InvalidArgument when it is not
+                // committed, as containerd's storage does) inside its write transaction.
                 engine.snapshot(req).map_err(status)?;
                 match engine.activate(&key) {
                     Ok(spec) => Ok((Ok(spec), false)),
@@ -506,17 +499,13 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let t = Instant::now();
         let res = async {
-            let key = name("key", &r.key)?;
+            let key = existing_key("key", &r.key)?;
             let spec = self
                 .blocking(move |engine| {
-                    let rec = lookup(engine, &key)?;
-                    if rec.kind == DeviceKind::Committed {
-                        return Err(Status::failed_precondition(format!(
-                            "snapshot {:?} is committed; only active and view snapshots have mounts",
-                            key.as_str()
-                        )));
-                    }
-                    engine.activate(&key).map_err(status)
+                    lookup(engine, &key)?;
+                    // Refuses a committed snapshot under the device's lock, so a Commit
+                    // racing this cannot leave the committed layer with a writable device.
+                    engine.mounts(&key).map_err(status)
                 })
                 .await?;
             Ok(Response::new(pb::MountsResponse {
@@ -534,7 +523,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let t = Instant::now();
         let res = async {
-            let key = name("key", &r.key)?;
+            let key = existing_key("key", &r.key)?;
             let new = name("name", &r.name)?;
             let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
             let parent = r.parent;
@@ -559,7 +548,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let t = Instant::now();
         let res = async {
-            let key = name("key", &r.key)?;
+            let key = existing_key("key", &r.key)?;
             let opts = RemoveOptions {
                 deferred: true,
                 ..Default::default()
@@ -591,7 +580,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let t = Instant::now();
         let res = async {
-            let key = name("key", &r.key)?;
+            let key = existing_key("key", &r.key)?;
             let (rec, parent) = self
                 .blocking(move |engine| {
                     let rec = lookup(engine, &key)?;
@@ -618,7 +607,7 @@ impl Snapshots for Service {
             let new = r
                 .info
                 .ok_or_else(|| Status::invalid_argument("update without info"))?;
-            let key = name("info.name", &new.name)?;
+            let key = existing_key("info.name", &new.name)?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
             let _g = self.inner.update_lock.lock().await;
             let rec = self
@@ -696,7 +685,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let t = Instant::now();
         let res = async {
-            let key = name("key", &r.key)?;
+            let key = existing_key("key", &r.key)?;
             let size = self
                 .blocking(move |engine| {
                     let rec = lookup(engine, &key)?;

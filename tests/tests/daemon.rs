@@ -384,8 +384,8 @@ fn daemon_metrics_endpoint() {
         format!("thinpool_grpc_requests_total{{{snap},method=\"Prepare\",code=\"NotFound\"}} 1"),
         format!("thinpool_grpc_requests_total{{{snap},method=\"Commit\",code=\"OK\"}} 1"),
         format!("thinpool_grpc_requests_total{{{snap},method=\"View\",code=\"OK\"}} 1"),
-        // Snapshots k1 and v1 (the service refuses k2 before the engine: no parent).
-        "thinpool_operation_duration_seconds_count{operation=\"snapshot\"} 2".into(),
+        // Snapshots k1 and v1, and k2, which the engine refuses (it checks the parent).
+        "thinpool_operation_duration_seconds_count{operation=\"snapshot\"} 3".into(),
         "thinpool_operation_duration_seconds_count{operation=\"commit\"} 1".into(),
         "thinpool_operation_duration_seconds_bucket{le=\"+Inf\",operation=\"commit\"} 1".into(),
         "thinpool_operation_duration_seconds_count{operation=\"grow\"} 0".into(),

@@ -141,15 +141,16 @@ fn error_codes() {
             Code::NotFound
         );
         c.prepare("act", Some("base"), none()).await.unwrap();
+        // containerd's storage: a parent that is not committed is InvalidArgument.
         assert_eq!(
             code(c.prepare("b", Some("act"), none()).await),
-            Code::FailedPrecondition,
+            Code::InvalidArgument,
             "an active parent"
         );
         c.view("vw", Some("base"), none()).await.unwrap();
         assert_eq!(
             code(c.view("b", Some("vw"), none()).await),
-            Code::FailedPrecondition,
+            Code::InvalidArgument,
             "a view parent"
         );
         assert_eq!(
@@ -229,7 +230,9 @@ fn error_codes() {
             Code::FailedPrecondition,
             "a parent with children"
         );
-        assert_eq!(code(c.remove("").await), Code::InvalidArgument);
+        // An empty key names no snapshot (containerd: NotFound).
+        assert_eq!(code(c.remove("").await), Code::NotFound);
+        assert_eq!(code(c.stat("").await), Code::NotFound);
 
         // Stat, Mounts, Usage of missing keys
         assert_eq!(code(c.stat("missing").await), Code::NotFound);

@@ -793,6 +793,9 @@ fn xfs_base_and_a_larger_snapshot() {
 fn a_shut_down_xfs_is_reported_and_recovers() {
     let mut fx = Fixture::new();
     fx.snapshot("before", None, DeviceKind::Active);
+    let (_, m) = fx.mount("before");
+    fs::write(m.join("f"), "written before the shutdown").unwrap();
+    fx.umount(&m);
     let txn = fx.pool().status().unwrap().kernel.transaction_id;
     let mnt = fx.root().join("mnt");
     // Shut down without flushing the log, the harshest kind.
@@ -817,9 +820,14 @@ fn a_shut_down_xfs_is_reported_and_recovers() {
     assert_eq!(k.transaction_id, txn);
     assert!(fx.pool().audit().unwrap().is_clean());
     let (_, m) = fx.mount("before");
-    assert!(
-        m.join("lost+found").exists(),
+    assert_eq!(
+        fs::read_to_string(m.join("f")).unwrap(),
+        "written before the shutdown",
         "the snapshot's filesystem is intact"
+    );
+    assert!(
+        !m.join("lost+found").exists(),
+        "snapshots have no lost+found"
     );
     fx.umount(&m);
 }

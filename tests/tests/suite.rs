@@ -432,23 +432,22 @@ fn larger_snapshot_grows_its_filesystem() {
     tp.unmount(&dir);
 }
 
+/// Only committed devices are parents (review D4); a mounted origin is committed first
+/// (tests/commit.rs covers the Commit of a mounted snapshot).
 #[test]
-fn snapshot_of_an_active_mounted_origin() {
+fn snapshot_of_an_active_origin_is_refused() {
     let mut tp = TestPool::small("active-origin");
     tp.pool()
         .snapshot(request("origin", None, DeviceKind::Active))
         .unwrap();
     let dir = tp.mount("origin");
     write_file(&dir.join("before"), b"before the snapshot");
-    // The origin stays mounted and active; the backend suspends it around the snapshot.
-    tp.pool()
+    let e = tp
+        .pool()
         .snapshot(request("snap", Some("origin"), DeviceKind::Active))
-        .unwrap();
-    write_file(&dir.join("after"), b"after the snapshot");
-    let s = tp.mount("snap");
-    assert_eq!(read_file(&s.join("before")), b"before the snapshot");
-    assert!(!s.join("after").exists());
-    tp.unmount(&s);
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert_eq!(read_file(&dir.join("before")), b"before the snapshot");
     tp.unmount(&dir);
     tp.assert_audit_clean();
 }
@@ -937,13 +936,15 @@ fn concurrent_operations_on_different_devices() {
                     pool.snapshot(request(&n, None, DeviceKind::Active))
                         .unwrap();
                     pool.activate(&name(&n)).unwrap();
+                    // Only committed snapshots are parents: commit it (active) first.
+                    let l = format!("{n}-layer");
+                    pool.commit(&name(&n), &name(&l), None).unwrap();
                     let v = format!("{n}-view");
-                    pool.snapshot(request(&v, Some(&n), DeviceKind::View))
+                    pool.snapshot(request(&v, Some(&l), DeviceKind::View))
                         .unwrap();
                     if i % 2 == 0 {
                         pool.remove(&name(&v), RemoveOptions::default()).unwrap();
-                        pool.deactivate(&name(&n)).unwrap();
-                        pool.remove(&name(&n), RemoveOptions::default()).unwrap();
+                        pool.remove(&name(&l), RemoveOptions::default()).unwrap();
                     }
                 }
             });

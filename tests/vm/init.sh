@@ -6,11 +6,12 @@
 # parses. PID 1 must never exit (that is a kernel panic): every path ends in `poweroff -f`.
 #
 # Inputs:
-#   kernel command line: thinpool.mode=tests|bench  thinpool.phase=1|2
+#   kernel command line: thinpool.mode=tests|bench|conformance  thinpool.phase=1|2
 #   /thinpool-vm/bins            tests mode: "ID PATH" per test binary
 #   /thinpool-vm/args-pN-ID      libtest args for binary ID in phase N, one per line
 #                                (no file: the binary has nothing to run in this phase)
-#   /thinpool-vm/bench           bench mode: path of the vmbench binary
+#   /thinpool-vm/bench           bench mode: path of the vmbench binary (conformance mode: of
+#                                the Go conformance test binary, run the same way)
 #   /thinpool-vm/bench-args      its args, one per line
 #   /thinpool-vm/env             extra KEY=VALUE lines to export (THINPOOL_VM_ENV on the host)
 
@@ -157,6 +158,9 @@ main() {
     case "$MODE" in
         tests) run_tests ;;
         bench) run_bench ;;
+        # containerd's conformance suite (tests/vm/run --conformance): the bench runner with
+        # the Go test binary; the daemons' pools go on the disk, outside the suite's dirs.
+        conformance) export THINPOOL_CONFORMANCE_DIR=/mnt/disk/conformance; run_bench ;;
         *) fatal "unknown mode $MODE" ;;
     esac
     finish

@@ -162,4 +162,10 @@ impl AsyncPool {
         let p = self.pool.clone();
         blocking(move || p.audit()).await
     }
+
+    /// [`Pool::teardown`].
+    pub async fn teardown(&self) -> Result<()> {
+        let p = self.pool.clone();
+        blocking(move || p.teardown()).await
+    }
 }

@@ -229,7 +229,11 @@ impl Pool {
         let base_id = pool.store.write(|w| w.allocate_id())?;
         let txn = pool.backend.create_thin(base_id, settings.base_size)?;
         let dev = pool.backend.activate(base_id, settings.base_size, false)?;
+        // No lost+found in the base, so none in any snapshot: containerd's snapshots start
+        // empty. Still inside creation: a crash here makes the pool again from scratch.
+        let scratch = pool.scratch_dir(base_id);
         let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
+            .and_then(|()| fsutil::remove_lost_found(settings.fs, &dev, &scratch))
             .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
         pool.backend.deactivate(base_id)?;
         let fs_uuid = formatted?;
@@ -441,14 +445,22 @@ impl Pool {
         let settings = self.settings();
         let rec = self.record(base.id)?;
         // Someone may hold the base active (mounted to look at it): read the live node
-        // rather than fail the open on a deactivate.
-        let uuid = match self.backend.active_devices()?.get(&base.id) {
-            Some(dev) => fsutil::fs_uuid(settings.fs, dev)?,
+        // rather than fail the open on a deactivate (and leave lost+found to a later open).
+        let (uuid, fixed) = match self.backend.active_devices()?.get(&base.id) {
+            Some(dev) => (fsutil::fs_uuid(settings.fs, dev)?, Ok(())),
             None => {
-                let dev = self.backend.activate(base.id, rec.size, true)?;
+                let dev = self.backend.activate(base.id, rec.size, false)?;
                 let uuid = fsutil::fs_uuid(settings.fs, &dev);
+                // Pools made before the base lost its lost+found get it removed here, once:
+                // new snapshots are then empty. Existing snapshots are copies and keep theirs.
+                let fixed = match &uuid {
+                    Ok(u) if *u == base.fs_uuid => {
+                        fsutil::remove_lost_found(settings.fs, &dev, &self.scratch_dir(base.id))
+                    }
+                    _ => Ok(()),
+                };
                 self.backend.deactivate(base.id)?;
-                uuid?
+                (uuid?, fixed)
             }
         };
         if uuid != base.fs_uuid {
@@ -457,7 +469,7 @@ impl Pool {
                 base.id, base.fs_uuid
             )));
         }
-        Ok(())
+        fixed
     }
 
     /// Rolls back half-done creates, finishes half-done deletes, and brings the set of
@@ -721,11 +733,13 @@ impl Pool {
     /// Makes a new thin device as a snapshot of `req.parent` (or of the base device).
     ///
     /// Errors: `AlreadyExists` if the name is taken, `NotFound` if the parent is missing,
-    /// `InvalidArgument` for a bad kind or a size below the parent's, `ResourceExhausted`
-    /// while the pool's free space is below `min_free_space` (the message says how to grow).
-    pub fn snapshot(&self, req: SnapshotRequest) -> Result<DeviceRecord> {
+    /// `InvalidArgument` for a parent that is not committed, a bad kind or a size below the
+    /// parent's, `ResourceExhausted` while the pool's free space is below `min_free_space`
+    /// (the message says how to grow).
+    pub fn snapshot(&self, mut req: SnapshotRequest) -> Result<DeviceRecord> {
         let _up = self.up()?;
         let _t = self.timings.start(Operation::Snapshot);
+        drop_empty_labels(&mut req.labels);
         if !matches!(req.kind, DeviceKind::Active | DeviceKind::View) {
             return Err(Error::InvalidArgument(format!(
                 "a snapshot is active or view, not {}",
@@ -760,7 +774,16 @@ impl Pool {
                 None => w.device(base.id)?.ok_or_else(|| {
                     Error::Inconsistent("the base device record is missing".into())
                 })?,
+                // Only committed devices are parents (containerd's storage returns
+                // InvalidArgument otherwise): an active parent could change under its child.
                 Some(p) => match w.device_by_name(p)? {
+                    Some(o) if o.kind != DeviceKind::Committed => {
+                        return Err(Error::InvalidArgument(format!(
+                            "parent {:?} is {}, not a committed snapshot",
+                            p.as_str(),
+                            o.kind
+                        )));
+                    }
                     Some(o) if o.state == DeviceState::Ready => o,
                     Some(_) => {
                         return Err(Error::FailedPrecondition(format!(
@@ -812,6 +835,9 @@ impl Pool {
             let origin_size = self.record(origin)?.size;
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
+            }
+            if rec.kind == DeviceKind::View {
+                self.replay_view_journal(rec.id, rec.size)?;
             }
             if req.activate {
                 // A crash from here on still rolls the create back, deactivating first.
@@ -867,18 +893,57 @@ impl Pool {
         }
     }
 
+    /// Makes a new view mountable from its read-only device. ext4 refuses to mount, from a
+    /// read-only device, a filesystem whose journal needs recovery, and a parent committed
+    /// while mounted has one: the Commit's flush froze it clean, but the thaw marks the
+    /// journal for recovery again while it stays mounted. So the view's own copy has its
+    /// journal replayed once on a writable activation (mount and unmount), before it is
+    /// only ever activated read-only. Precondition: the view is being created (its record
+    /// is `Creating`, so a crash rolls this back) and is inactive; it is left inactive.
+    fn replay_view_journal(&self, id: ThinId, size: Bytes) -> Result<()> {
+        let fs = self.settings().fs;
+        if fs != FsType::Ext4 {
+            return Ok(());
+        }
+        let _guard = self.locks.lock(id);
+        let dev = self.backend.activate(id, size, true)?;
+        let needs = fsutil::ext4_needs_recovery(&dev);
+        self.backend.deactivate(id)?;
+        if !needs? {
+            return Ok(());
+        }
+        debug!(id = %id, "replaying the journal of a new view");
+        let dev = self.backend.activate(id, size, false)?;
+        let replayed = fsutil::replay_journal(fs, &dev, &self.scratch_dir(id));
+        self.backend.deactivate(id)?;
+        replayed
+    }
+
+    /// Where the engine mounts device `id` privately for a moment (filesystem grow, base
+    /// fix-ups); never a client's path.
+    fn scratch_dir(&self, id: ThinId) -> PathBuf {
+        self.paths.root.join("resize").join(id.to_string())
+    }
+
     fn grow_filesystem(&self, id: ThinId, size: Bytes) -> Result<()> {
         let fs = self.settings().fs;
         let _guard = self.locks.lock(id);
         let dev = self.backend.activate(id, size, false)?;
-        let scratch = self.paths.root.join("resize").join(id.to_string());
-        let grown = fsutil::grow(fs, &dev, &scratch);
+        let grown = fsutil::grow(fs, &dev, &self.scratch_dir(id));
         self.backend.deactivate(id)?;
         grown.map_err(|e| grow_error(e, fs, size))
     }
 
-    /// Turns the active device `key` into a committed (read-only) one named `name`, and
-    /// deactivates it. Only records change, so this is fast.
+    /// Turns the active device `key` into a committed (read-only) one named `name`, with
+    /// `labels` (if given) replacing its labels, and deactivates it. The device may be
+    /// mounted: what was written to it is flushed first, and whoever has it open keeps it
+    /// until the last close ([`Backend::deactivate_deferred`]); writes after the commit are
+    /// the caller's mistake, as with containerd's own snapshotters.
+    ///
+    /// Atomic against [`Pool::activate`] and a second commit: every check is made before
+    /// any change and made again under the device's lock and inside the store's write
+    /// transaction, so a failed commit changes nothing. Errors: `NotFound` (no such key),
+    /// `FailedPrecondition` (not active), `AlreadyExists` (`name` is taken).
     pub fn commit(
         &self,
         key: &DeviceName,
@@ -887,31 +952,50 @@ impl Pool {
     ) -> Result<DeviceRecord> {
         let _up = self.up()?;
         let _t = self.timings.start(Operation::Commit);
+        let labels = labels.map(|mut l| {
+            drop_empty_labels(&mut l);
+            l
+        });
         if let Some(l) = &labels {
             ids::validate_labels(l)?;
         }
-        let rec = self.device(key)?;
-        if rec.kind != DeviceKind::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "{key:?} is {}, only an active device can be committed",
-                rec.kind
-            )));
+        // In containerd's order (storage's CommitActive): the name, then the key, then its kind.
+        let check = |r: &crate::store::ReadView| -> Result<DeviceRecord> {
+            if r.device_by_name(name)?.is_some() {
+                return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
+            }
+            let rec = r
+                .device_by_name(key)?
+                .filter(|r| r.state == DeviceState::Ready)
+                .ok_or_else(|| Error::NotFound(format!("device {key:?}")))?;
+            check_commit(&rec, key)?;
+            Ok(rec)
+        };
+        let id = self.store.read(|r| check(r))?.id;
+        // Held until the record is written and the device deactivated: `activate` re-reads
+        // the record under this lock, so it sees either the active device or the committed
+        // one, never a mix.
+        let _guard = self.locks.lock(id);
+        // Again under the lock: a commit or remove that held it first may have changed it.
+        let rec = self.store.read(|r| check(r))?;
+        if rec.id != id {
+            return Err(Error::NotFound(format!("device {key:?}")));
         }
-        // Deactivate first: a committed layer must not stay writable through an old node.
-        {
-            let _guard = self.locks.lock(rec.id);
-            self.backend.deactivate(rec.id)?;
-        }
-        // Measured now, before the layer can have children (see DeviceRecord::usage).
+        self.backend.flush(id)?;
+        failpoint::hit("commit:after_flush");
+        // Measured now, flushed and before the layer can have children (see
+        // DeviceRecord::usage).
         let usage = self.added_bytes(&rec)?;
-        self.store.write(|w| {
+        let now = now_ns();
+        let done = self.store.write(|w| {
             if w.device_by_name(name)?.is_some() {
                 return Err(Error::AlreadyExists(format!("device {:?}", name.as_str())));
             }
             let mut cur = w
-                .device(rec.id)?
-                .filter(|r| r.state == DeviceState::Ready)
+                .device(id)?
+                .filter(|c| c.state == DeviceState::Ready && c.name.as_ref() == Some(key))
                 .ok_or_else(|| Error::NotFound(format!("device {key:?}")))?;
+            check_commit(&cur, key)?;
             cur.kind = DeviceKind::Committed;
             cur.name = Some(name.clone());
             cur.active = false;
@@ -919,10 +1003,19 @@ impl Pool {
             if let Some(l) = labels {
                 cur.labels = l;
             }
-            cur.updated_ns = now_ns();
+            // containerd's storage: a commit makes a new snapshot, created and updated now.
+            cur.created_ns = now;
+            cur.updated_ns = now;
             w.put_device(&cur)?;
             Ok(cur)
-        })
+        })?;
+        failpoint::hit("commit:after_record");
+        // The record is committed whatever happens next; a device left active is taken
+        // down by the next open's reconcile (no record wants it active).
+        if let Err(e) = self.backend.deactivate_deferred(id) {
+            warn!(id = %id, error = %e, "committed, but could not deactivate the device");
+        }
+        Ok(done)
     }
 
     /// Replaces a device's labels.
@@ -931,6 +1024,8 @@ impl Pool {
         name: &DeviceName,
         labels: BTreeMap<String, String>,
     ) -> Result<DeviceRecord> {
+        let mut labels = labels;
+        drop_empty_labels(&mut labels);
         ids::validate_labels(&labels)?;
         self.store.write(|w| {
             let mut rec = w
@@ -947,24 +1042,43 @@ impl Pool {
     /// Activates a device and returns how to mount it: read-only unless it is active-kind.
     /// Activating an active device returns its spec again.
     pub fn activate(&self, name: &DeviceName) -> Result<MountSpec> {
+        self.activate_checked(name, true)
+    }
+
+    /// [`Pool::activate`] for containerd's Mounts: an active or view snapshot only; a
+    /// committed one is refused with `FailedPrecondition`. The kind is checked under the
+    /// device's lock, so a Commit running at the same time is either wholly before (and
+    /// this fails) or wholly after (and the device it returns is the active one).
+    pub fn mounts(&self, name: &DeviceName) -> Result<MountSpec> {
+        self.activate_checked(name, false)
+    }
+
+    fn activate_checked(&self, name: &DeviceName, committed_ok: bool) -> Result<MountSpec> {
         let _up = self.up()?;
         let _t = self.timings.start(Operation::Activate);
-        let rec = self.device(name)?;
+        let id = self.device(name)?.id;
+        let _guard = self.locks.lock(id);
+        // Re-read under the lock: a Commit that held it may have renamed the device and
+        // made it read-only; the record read before the lock would activate it writable.
+        let current = |r: Option<DeviceRecord>| {
+            r.filter(|r| r.state == DeviceState::Ready && r.name.as_ref() == Some(name))
+                .ok_or_else(|| Error::NotFound(format!("device {name:?}")))
+        };
+        let rec = current(self.store.read(|r| r.device(id))?)?;
+        if !committed_ok && rec.kind == DeviceKind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "{name:?} is committed; only active and view snapshots have mounts"
+            )));
+        }
         if !rec.active {
             self.store.write(|w| {
-                let mut cur = w
-                    .device(rec.id)?
-                    .filter(|r| r.state == DeviceState::Ready)
-                    .ok_or_else(|| Error::NotFound(format!("device {name:?}")))?;
+                let mut cur = current(w.device(id)?)?;
                 cur.active = true;
                 w.put_device(&cur)
             })?;
         }
         let read_only = rec.kind != DeviceKind::Active;
-        let source = {
-            let _guard = self.locks.lock(rec.id);
-            self.backend.activate(rec.id, rec.size, read_only)?
-        };
+        let source = self.backend.activate(rec.id, rec.size, read_only)?;
         Ok(self.mount_spec(source, read_only))
     }
 
@@ -1595,7 +1709,7 @@ impl Pool {
     /// the containers using them.
     pub fn close(self, teardown: bool) -> Result<()> {
         if teardown {
-            self.backend.teardown()?;
+            self.teardown()?;
         }
         Ok(())
     }
@@ -1705,6 +1819,14 @@ impl Pool {
         }
         Ok(g)
     }
+
+    /// Takes the pool out of the kernel, as a reboot would: every device, the pool, its loop
+    /// devices and (reflink) the data mount; the pool's files and records stay, and the next
+    /// open reassembles it. [`Pool::take_down`] without force: a device that is mounted or
+    /// open refuses it with `FailedPrecondition`, changing nothing.
+    pub fn teardown(&self) -> Result<()> {
+        self.take_down(false).map(drop)
+    }
 }
 
 /// Whether a device node is in use: an exclusive open of a block device fails with EBUSY
@@ -1790,6 +1912,22 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io("sync directory", dir, e))
+}
+
+/// containerd's storage drops labels with empty values when it writes them.
+fn drop_empty_labels(labels: &mut BTreeMap<String, String>) {
+    labels.retain(|_, v| !v.is_empty());
+}
+
+/// Only an active device can be committed (containerd: FailedPrecondition otherwise).
+fn check_commit(rec: &DeviceRecord, key: &DeviceName) -> Result<()> {
+    if rec.kind != DeviceKind::Active {
+        return Err(Error::FailedPrecondition(format!(
+            "{key:?} is {}, only an active snapshot can be committed",
+            rec.kind
+        )));
+    }
+    Ok(())
 }
 
 fn remove_if_exists(path: &std::path::Path) -> Result<()> {

@@ -168,7 +168,8 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
 /// mounted (it is a snapshot we just made).
 ///
 /// ext4 is grown offline (`e2fsck -f -p`, then `resize2fs`): online growth needs
-/// CAP_SYS_RESOURCE, which containerised daemons often lack. xfs grows only when mounted, so
+/// CAP_SYS_RESOURCE, which containerised daemons often lack. e2fsck recreates `lost+found`,
+/// so it is removed again ([`remove_lost_found`]). xfs grows only when mounted, so
 /// it is mounted under `scratch` for `xfs_growfs`: nosuid, nodev, noexec (the image is a
 /// client's), made private so it does not propagate, and detached lazily when a step fails
 /// so it never outlives the call. A crash can still leave it: the engine removes scratch
@@ -177,7 +178,9 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     match fs {
         FsType::Ext4 => {
             check_ext4(dev)?;
-            run("resize2fs", &[dev.as_os_str()]).map(drop)
+            run("resize2fs", &[dev.as_os_str()])?;
+            // e2fsck -p makes a lost+found wherever it finds none; snapshots have none.
+            remove_lost_found(fs, dev, scratch)
         }
         FsType::Xfs => {
             use nix::mount::{MsFlags, mount};
@@ -252,6 +255,94 @@ pub fn clear_scratch(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     cleared
+}
+
+/// Removes the empty `lost+found` that mkfs.ext4 (and e2fsck) leave in the root directory:
+/// containerd expects a new snapshot to be empty, and the directory would otherwise show up
+/// in every container and in every first layer exported from one. It is mounted privately
+/// at `scratch` for the kernel to do it. A `lost+found` that holds something (files e2fsck
+/// recovered) is kept. xfs has none. Precondition: nobody else has `dev` mounted.
+pub fn remove_lost_found(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    if fs != FsType::Ext4 {
+        return Ok(());
+    }
+    create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // Read-only first: a base that has none (every open after the first) is not written.
+    mount(
+        Some(dev),
+        scratch,
+        Some("ext4"),
+        flags | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("mount to remove lost+found", dev, e.into()))?;
+    let dir = scratch.join("lost+found");
+    let removed = match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => mount(
+            None::<&str>,
+            scratch,
+            None::<&str>,
+            flags | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        )
+        .map_err(|e| Error::io("remount read-write to remove lost+found", dev, e.into()))
+        .and_then(|()| remove_empty_dir(&dir, dev)),
+    };
+    let unmounted = umount2(scratch, MntFlags::empty())
+        .map_err(|e| Error::io("unmount after removing lost+found", scratch, e.into()));
+    let _ = std::fs::remove_dir(scratch);
+    removed?;
+    unmounted
+}
+
+/// Removes `dir` if it is empty; one that holds files (e2fsck's recoveries) is kept.
+fn remove_empty_dir(dir: &Path, dev: &Path) -> Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!(dev = %dev.display(), "lost+found holds recovered files; kept");
+            Ok(())
+        }
+        Err(e) => Err(Error::io("remove", dir, e)),
+    }
+}
+
+/// Whether the ext4 filesystem on `dev` has its journal marked for recovery
+/// (`EXT4_FEATURE_INCOMPAT_RECOVER` in the superblock): it was mounted read-write when its
+/// state was taken.
+pub fn ext4_needs_recovery(dev: &Path) -> Result<bool> {
+    // Superblock at byte 1024; s_feature_incompat (le32) at offset 0x60; RECOVER = 0x4.
+    let mut f = File::open(dev).map_err(|e| Error::io("open device", dev, e))?;
+    let mut b = [0u8; 4];
+    f.seek(SeekFrom::Start(1024 + 0x60))
+        .and_then(|_| f.read_exact(&mut b))
+        .map_err(|e| Error::io("read superblock", dev, e))?;
+    Ok(u32::from_le_bytes(b) & 0x4 != 0)
+}
+
+/// Replays the journal of the filesystem on `dev` by mounting it privately at `scratch`
+/// and unmounting it again. Precondition: `dev` is writable and nobody else has it mounted.
+pub fn replay_journal(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
+    let fs_name = fs.to_string();
+    let options = (fs == FsType::Xfs).then_some("nouuid");
+    mount(
+        Some(dev),
+        scratch,
+        Some(fs_name.as_str()),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        options,
+    )
+    .map_err(|e| Error::io("mount to replay the journal", dev, e.into()))?;
+    let unmounted = umount2(scratch, MntFlags::empty())
+        .map_err(|e| Error::io("unmount after replaying the journal", scratch, e.into()));
+    let _ = std::fs::remove_dir(scratch);
+    unmounted
 }
 
 /// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)

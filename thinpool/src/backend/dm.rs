@@ -34,6 +34,9 @@ use crate::units::{Bytes, DataBlocks};
 
 /// Bytes per metadata block, as dm-thin reports metadata usage.
 const META_BLOCK: u64 = 4096;
+/// How often, and how far apart, a remove that fails with EBUSY is tried (review #15).
+const REMOVE_RETRIES: u32 = 10;
+const REMOVE_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub struct DmBackend {
     dm: DM,
@@ -350,6 +353,7 @@ impl DmBackend {
         };
         backend.resume_suspended()?;
         backend.release_held_metadata_snap()?;
+        info!(pool = %backend.names.pool().to_string(), "dm thin pool assembled");
         if live_lwm != lwm {
             // A live pool keeps the mark it was loaded with; the autoextend settings (which
             // place it) may have changed since.
@@ -951,28 +955,72 @@ impl Backend for DmBackend {
         self.thin_node(id)
     }
 
+    /// A device that is busy only for a moment (udev's or blkid's probe after an activate
+    /// opens it briefly) is retried for up to [`REMOVE_RETRIES`] x [`REMOVE_RETRY_WAIT`]
+    /// before it counts as in use.
     fn deactivate(&self, id: ThinId) -> Result<()> {
         let name = self.names.thin(id);
-        // The last status: a device that nobody has open has no write in flight, and a
-        // device somebody opens in between fails the remove below.
-        let Some(last) = self.thin_mapped(id)? else {
+        let mut tries = 0;
+        loop {
+            // The last status: a device that nobody has open has no write in flight, and a
+            // device somebody opens in between fails the remove below.
+            let Some(last) = self.thin_mapped(id)? else {
+                return Ok(());
+            };
+            match self
+                .dm
+                .device_remove(&DevId::Name(&name), DmOptions::default())
+            {
+                Ok(_) => {
+                    self.inactive_mapped.lock().insert(id, last);
+                    return Ok(());
+                }
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
+                    tries += 1;
+                    if tries >= REMOVE_RETRIES {
+                        return Err(Error::FailedPrecondition(format!(
+                            "thin device {id} is in use (mounted or open); unmount it first"
+                        )));
+                    }
+                    std::thread::sleep(REMOVE_RETRY_WAIT);
+                }
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(()),
+                Err(e) => return Err(Error::dm(format!("remove thin {id}"), e)),
+            }
+        }
+    }
+
+    /// Suspend (which flushes the device and freezes a filesystem on it, as `FIFREEZE`
+    /// would), then resume, on every path.
+    fn flush(&self, id: ThinId) -> Result<()> {
+        if !self.thin_exists(id)? {
             return Ok(());
-        };
-        match self
-            .dm
-            .device_remove(&DevId::Name(&name), DmOptions::default())
-        {
-            Ok(_) => {
-                self.inactive_mapped.lock().insert(id, last);
-                Ok(())
-            }
-            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
-                Err(Error::FailedPrecondition(format!(
-                    "thin device {id} is in use (mounted or open); unmount it first"
-                )))
-            }
+        }
+        let name = self.names.thin(id);
+        let dev = DevId::Name(&name);
+        self.dm
+            .device_suspend(&dev, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(dm_err(format!("suspend thin {id} to flush it")))?;
+        self.dm
+            .device_suspend(&dev, DmOptions::default())
+            .map_err(dm_err(format!("resume thin {id} after a flush")))?;
+        Ok(())
+    }
+
+    /// `DM_DEV_REMOVE` with `DM_DEFERRED_REMOVE`: the kernel removes an open device at its
+    /// last close.
+    fn deactivate_deferred(&self, id: ThinId) -> Result<()> {
+        if !self.thin_exists(id)? {
+            return Ok(());
+        }
+        let name = self.names.thin(id);
+        match self.dm.device_remove(
+            &DevId::Name(&name),
+            DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+        ) {
+            Ok(_) => Ok(()),
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => Ok(()),
-            Err(e) => Err(Error::dm(format!("remove thin {id}"), e)),
+            Err(e) => Err(Error::dm(format!("deferred remove of thin {id}"), e)),
         }
     }
 

@@ -47,8 +47,20 @@ pub trait Backend: Send + Sync {
     /// Makes the device available as a block device node and returns the node's path.
     fn activate(&self, id: ThinId, size: Bytes, read_only: bool) -> Result<PathBuf>;
 
-    /// Removes the device node. The data stays.
+    /// Removes the device node. The data stays. Fails with `FailedPrecondition` while the
+    /// device is mounted or open.
     fn deactivate(&self, id: ThinId) -> Result<()>;
+
+    /// Makes what was written to the device so far durable and visible to snapshots of it:
+    /// a filesystem mounted on it is flushed and frozen for a moment, so its on-disk state
+    /// is clean (a read-only mount of a snapshot needs no journal replay). An inactive
+    /// device succeeds at once.
+    fn flush(&self, id: ThinId) -> Result<()>;
+
+    /// Deactivates the device now if nobody has it open, or else at its last close (dm:
+    /// deferred remove; reflink: loop autoclear). Whoever has it open keeps using it.
+    /// An inactive device succeeds.
+    fn deactivate_deferred(&self, id: ThinId) -> Result<()>;
 
     /// The devices of this pool that are active now, with their nodes.
     fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>>;

@@ -262,7 +262,8 @@ impl ReflinkBackend {
     fn attached(&self, id: ThinId) -> Option<PathBuf> {
         let mut loops = self.loops.lock();
         let dev = loops.get(&id)?.clone();
-        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) {
+        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) && !detaching(&dev)
+        {
             Some(dev)
         } else {
             loops.remove(&id);
@@ -476,13 +477,61 @@ impl Backend for ReflinkBackend {
         Ok(())
     }
 
+    /// A filesystem mounted on the device (found by device number in our mount table) is
+    /// frozen and thawed (`FIFREEZE`/`FITHAW`), which writes out its dirty data and
+    /// checkpoints its journal; a device open but not mounted gets its cache flushed. Then
+    /// the device file is fsynced (the loop device writes it with direct I/O, but its
+    /// extents and size are XFS metadata).
+    fn flush(&self, id: ThinId) -> Result<()> {
+        let Some(dev) = self.attached(id) else {
+            return Ok(());
+        };
+        let (major, minor) = loopback::dev_numbers(&dev)?;
+        match mount_point_of(major, minor)? {
+            Some(mnt) => freeze_and_thaw(&mnt, major, minor)?,
+            None => File::open(&dev)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_error("flush loop device", &dev, e))?,
+        }
+        let file = self.device_file(id);
+        File::open(&file)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error("fsync device file", &file, e))
+    }
+
+    /// Detaches at once when nobody uses the device, as [`Backend::deactivate`]; when it
+    /// is busy, `LOOP_CLR_FD` without the exclusive open, which makes the kernel detach it
+    /// at the last close (autoclear).
+    fn deactivate_deferred(&self, id: ThinId) -> Result<()> {
+        let Some(dev) = self.attached(id) else {
+            return Ok(());
+        };
+        match detach_unused(&dev) {
+            Ok(()) => {}
+            Err(Error::FailedPrecondition(_)) => detach_at_last_close(&dev)?,
+            Err(e) => return Err(e),
+        }
+        self.loops.lock().remove(&id);
+        Ok(())
+    }
+
     /// Scans the kernel's loop devices (not our map), so reconcile sees what is really
     /// attached; what it finds is added to the map.
+    ///
+    /// A loop device detaching at its last close (a Commit's deferred deactivation) is
+    /// listed, but not handed out again: a device of ours attached to the same file wins,
+    /// and it stays out of the map, so a later activate attaches a fresh one.
     fn active_devices(&self) -> Result<BTreeMap<ThinId, PathBuf>> {
-        let found: BTreeMap<ThinId, PathBuf> = device_loops(&self.devices)?.into_iter().collect();
-        self.loops
-            .lock()
-            .extend(found.iter().map(|(id, dev)| (*id, dev.clone())));
+        let mut found: BTreeMap<ThinId, PathBuf> = BTreeMap::new();
+        let mut loops = self.loops.lock();
+        for (id, dev) in device_loops(&self.devices)? {
+            if detaching(&dev) {
+                found.entry(id).or_insert(dev);
+            } else {
+                loops.insert(id, dev.clone());
+                found.insert(id, dev);
+            }
+        }
         Ok(found)
     }
 
@@ -1066,6 +1115,92 @@ fn detach_unused(dev: &Path) -> Result<()> {
             };
         }
         sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Whether the loop device detaches at its last close (autoclear). Ours never attach with
+/// autoclear, so it marks a deferred deactivation still in use.
+fn detaching(dev: &Path) -> bool {
+    fs::read_to_string(sysfs_loop_attr(dev, "autoclear")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// `LOOP_CLR_FD` on a device that someone else has open: the kernel sets autoclear and
+/// detaches it at the last close.
+fn detach_at_last_close(dev: &Path) -> Result<()> {
+    let f = match File::open(dev) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENXIO) => {
+            return Ok(());
+        }
+        Err(e) => return Err(Error::io("open loop device", dev, e)),
+    };
+    // SAFETY: LOOP_CLR_FD takes no argument; the fd is open.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENXIO) {
+            return Err(Error::io("LOOP_CLR_FD", dev, e));
+        }
+    }
+    Ok(())
+}
+
+/// The first mount point (in this process's mount table) of the block device
+/// `major:minor`, if it is mounted.
+fn mount_point_of(major: u32, minor: u32) -> Result<Option<PathBuf>> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|e| io_error("read", path, e))?;
+    let want = format!("{major}:{minor}");
+    Ok(text.lines().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_id, _parent, dev, _root, target) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        (dev == want).then(|| PathBuf::from(unescape_mountinfo(target)))
+    }))
+}
+
+// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// Freezes and thaws the filesystem mounted at `mnt`, checked to be the one on device
+/// `major:minor` (the path comes from the mount table, and the tree under it is a
+/// container's). A filesystem that cannot freeze is synced instead.
+fn freeze_and_thaw(mnt: &Path, major: u32, minor: u32) -> Result<()> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(mnt)
+        .map_err(|e| io_error("open mount point", mnt, e))?;
+    let st =
+        nix::sys::stat::fstat(&dir).map_err(|e| io_error("stat mount point", mnt, e.into()))?;
+    if (
+        nix::sys::stat::major(st.st_dev) as u32,
+        nix::sys::stat::minor(st.st_dev) as u32,
+    ) != (major, minor)
+    {
+        return Err(Error::Inconsistent(format!(
+            "{} is not the mount of device {major}:{minor}",
+            mnt.display()
+        )));
+    }
+    // SAFETY: FIFREEZE and FITHAW take an ignored int argument; the fd is open.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE, 0) } != 0 {
+        let e = io::Error::last_os_error();
+        // EBUSY: someone else froze it, which flushed it too.
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Ok(());
+        }
+        warn!(mnt = %mnt.display(), error = %e, "cannot freeze; syncing instead");
+        // SAFETY: syncfs on an open fd.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io_error("syncfs", mnt, io::Error::last_os_error()));
+        }
+        return Ok(());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } != 0 {
+        return Err(io_error("FITHAW", mnt, io::Error::last_os_error()));
     }
     Ok(())
 }
