@@ -536,6 +536,7 @@ fn dm_crash_inside_thin_ls_then_open_serves() {
     tp.pool()
         .snapshot(request("a", None, DeviceKind::Active))
         .unwrap();
+    tp.pool().commit(&name("a"), &name("a-c"), None).unwrap();
     tp.close(false);
     assert_aborted(
         child(TEST, &root, "thin_ls:after_reserve"),
@@ -544,7 +545,7 @@ fn dm_crash_inside_thin_ls_then_open_serves() {
     tp.reopen(&spec);
     tp.assert_audit_clean();
     tp.pool()
-        .snapshot(request("b", Some("a"), DeviceKind::Active))
+        .snapshot(request("b", Some("a-c"), DeviceKind::Active))
         .expect("serves");
     tp.assert_audit_clean();
 }
