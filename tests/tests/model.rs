@@ -983,3 +983,29 @@ fn oversized_messages_are_refused_and_the_daemon_lives() {
     let v = live.view(true).expect("alive");
     assert!(v.snaps.is_empty());
 }
+
+/// A client that keeps a connection open and never reads again (stopped, hung) does not
+/// keep the daemon from stopping: SIGTERM closes its connection after the grace period.
+#[test]
+fn a_silent_client_does_not_hold_up_sigterm() {
+    let root = thinpool_tests::pool_dir("model-silent", false);
+    let mut live = Live::new(&root);
+    live.start("").expect("start");
+    // A second connection on a runtime that is never driven again.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut silent = rt
+        .block_on(thinpool_client::Client::connect(&live.socket))
+        .expect("connect");
+    rt.block_on(silent.pool_status()).expect("status");
+    let t = Instant::now();
+    live.stop();
+    let took = t.elapsed();
+    assert!(
+        took < thinpool_server::SHUTDOWN_GRACE + Duration::from_secs(5),
+        "SIGTERM took {took:?}"
+    );
+    drop(silent);
+}
