@@ -20,13 +20,19 @@ use thinpool::{
     BackendKind, Bytes, DeviceKind, DeviceName, MountSpec, Pool, PoolSpec, SnapshotRequest,
 };
 
-/// The backend under test: `THINPOOL_TEST_BACKEND=dm|reflink`, reflink by default.
+/// The backend under test: `THINPOOL_TEST_BACKEND=dm|reflink|sim`, reflink by default.
 pub fn backend() -> BackendKind {
     match std::env::var("THINPOOL_TEST_BACKEND").as_deref() {
         Ok("dm") => BackendKind::Dm,
         Ok("reflink") | Err(_) => BackendKind::Reflink,
-        Ok(other) => panic!("THINPOOL_TEST_BACKEND={other}: expected dm or reflink"),
+        Ok("sim") => BackendKind::Sim,
+        Ok(other) => panic!("THINPOOL_TEST_BACKEND={other}: expected dm, reflink or sim"),
     }
+}
+
+/// Whether the suite runs on the simulated backend (no kernel objects, no filesystems).
+pub fn on_sim() -> bool {
+    backend() == BackendKind::Sim
 }
 
 /// `THINPOOL_TEST_REBOOT_PHASE`: unset natively (a test simulates the reboot itself); 1 or
