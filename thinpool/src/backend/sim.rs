@@ -105,12 +105,20 @@ fn sim_dir(root: &Path) -> PathBuf {
 
 impl SimBackend {
     /// Creates the pool's data and metadata files (sparse) and an empty metadata file.
-    /// Precondition: none of the pool's files exist.
+    /// Precondition: none of the pool's files exist. A `sim/` directory is what an
+    /// interrupted create left (the engine removed the other files): it is replaced.
     pub fn create(paths: &PoolPaths, settings: &PoolSettings) -> Result<Self> {
         let dir = sim_dir(&paths.root);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => warn!(dir = %dir.display(), "removed what an interrupted create left"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove sim directory", &dir, e)),
+        }
         let made = (|| {
             loopback::create_sparse(&paths.data_file, settings.data_size.0)?;
             loopback::create_sparse(&paths.metadata_file, settings.metadata_size.0)?;
+            // As the real backends do: a full host filesystem cannot fail the metadata.
+            loopback::preallocate(&paths.metadata_file)?;
             for d in [dir.clone(), dir.join(DEVICES_DIR), dir.join(RUN_DIR)] {
                 fsutil::create_private_dir(&d).map_err(|e| Error::io("create directory", &d, e))?;
             }
@@ -126,7 +134,7 @@ impl SimBackend {
             Self::assemble(paths, settings)
         })();
         if made.is_err()
-            && let Err(e) = Self::scrub(paths, settings)
+            && let Err(e) = fs::remove_dir_all(&dir)
         {
             warn!(error = %e, "could not clean up after a failed pool create");
         }
@@ -170,15 +178,11 @@ impl SimBackend {
         })
     }
 
-    /// Removes what an interrupted create left: the whole `sim/` directory (the engine
-    /// removes the data, metadata and store files next).
+    /// Removes the "kernel objects" of a pool: its runtime state, as [`power_cut`] does
+    /// (the engine removes the pool's files next when a create was interrupted; the next
+    /// [`SimBackend::create`] replaces the rest).
     pub fn scrub(paths: &PoolPaths, _settings: &PoolSettings) -> Result<()> {
-        let dir = sim_dir(&paths.root);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove sim directory", &dir, e)),
-        }
+        power_cut(&paths.root)
     }
 
     /// Device files and runtime entries the metadata does not name. See [`Self::open`].
@@ -553,9 +557,12 @@ impl Backend for SimBackend {
         Ok(())
     }
 
-    /// Extends the metadata file (durably), as [`Backend::grow_data`].
+    /// Extends the metadata file (durably, and allocated, as dm does), as
+    /// [`Backend::grow_data`].
     fn grow_metadata(&self, size: Bytes) -> Result<()> {
         loopback::extend(&self.metadata_file, size.0)?;
+        loopback::preallocate(&self.metadata_file)?;
+        failpoint::hit("grow:after_file");
         info!(size = %size, "sim pool metadata grown");
         Ok(())
     }
@@ -600,7 +607,12 @@ pub fn power_cut(root: &Path) -> Result<()> {
 fn clear_run_dir(run: &Path) -> Result<()> {
     match fs::remove_dir_all(run) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // No pool here (yet): nothing to clear, nothing to make.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if !run.parent().is_some_and(Path::exists) {
+                return Ok(());
+            }
+        }
         Err(e) => return Err(Error::io("remove runtime state", run, e)),
     }
     // Recreated at once: the pool object may live on (a refused take-down rolls back).
