@@ -228,15 +228,20 @@ impl Pool {
         let pool = Pool::new(paths, settings.clone(), store, backend, lock)?;
         let base_id = pool.store.write(|w| w.allocate_id())?;
         let txn = pool.backend.create_thin(base_id, settings.base_size)?;
-        let dev = pool.backend.activate(base_id, settings.base_size, false)?;
-        // No lost+found in the base, so none in any snapshot: containerd's snapshots start
-        // empty. Still inside creation: a crash here makes the pool again from scratch.
-        let scratch = pool.scratch_dir(base_id);
-        let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
-            .and_then(|()| fsutil::remove_lost_found(settings.fs, &dev, &scratch))
-            .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
-        pool.backend.deactivate(base_id)?;
-        let fs_uuid = formatted?;
+        // A backend without filesystems (sim) has nothing to format; "none" stands for the UUID.
+        let fs_uuid = if pool.backend.holds_filesystems() {
+            let dev = pool.backend.activate(base_id, settings.base_size, false)?;
+            // No lost+found in the base, so none in any snapshot: containerd's snapshots start
+            // empty. Still inside creation: a crash here makes the pool again from scratch.
+            let scratch = pool.scratch_dir(base_id);
+            let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
+                .and_then(|()| fsutil::remove_lost_found(settings.fs, &dev, &scratch))
+                .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
+            pool.backend.deactivate(base_id)?;
+            formatted?
+        } else {
+            "none".to_string()
+        };
         // The new files' directory entries, before the store says the pool is ready.
         sync_dir(&pool.paths.root)?;
         failpoint::hit("pool_create:after_mkfs");
@@ -444,6 +449,9 @@ impl Pool {
         let base = self.base()?;
         let settings = self.settings();
         let rec = self.record(base.id)?;
+        if !self.backend.holds_filesystems() {
+            return Ok(());
+        }
         // Someone may hold the base active (mounted to look at it): read the live node
         // rather than fail the open on a deactivate (and leave lost+found to a later open).
         let (uuid, fixed) = match self.backend.active_devices()?.get(&base.id) {
@@ -903,7 +911,7 @@ impl Pool {
     /// is `Creating`, so a crash rolls this back) and is inactive; it is left inactive.
     fn replay_view_journal(&self, id: ThinId, size: Bytes) -> Result<()> {
         let fs = self.settings().fs;
-        if fs != FsType::Ext4 {
+        if fs != FsType::Ext4 || !self.backend.holds_filesystems() {
             return Ok(());
         }
         let _guard = self.locks.lock(id);
@@ -927,6 +935,9 @@ impl Pool {
     }
 
     fn grow_filesystem(&self, id: ThinId, size: Bytes) -> Result<()> {
+        if !self.backend.holds_filesystems() {
+            return Ok(());
+        }
         let fs = self.settings().fs;
         let _guard = self.locks.lock(id);
         let dev = self.backend.activate(id, size, false)?;
@@ -1276,7 +1287,7 @@ impl Pool {
             return self.backend.mapped_bytes(rec.id, rec.size);
         };
         match self.backend.kind() {
-            BackendKind::Dm => {
+            BackendKind::Dm | BackendKind::Sim => {
                 let mine = self.backend.mapped_bytes(rec.id, rec.size)?;
                 Ok(Bytes(mine.0.saturating_sub(self.frozen_mapped(parent)?.0)))
             }
