@@ -14,10 +14,21 @@ use thinpool_proto::admin;
 use thinpool_proto::snapshots as pb;
 use tokio::runtime::Runtime;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::grpc::bin;
 use crate::model::{Kind, Labels, Op, PoolView, Raw, Seen, Ts};
+
+/// The backend of the model-based tests: `THINPOOL_TEST_BACKEND`, sim when unset (it needs
+/// no root, and is fast).
+pub fn backend() -> thinpool::BackendKind {
+    if std::env::var_os("THINPOOL_TEST_BACKEND").is_none() {
+        thinpool::BackendKind::Sim
+    } else {
+        crate::backend()
+    }
+}
 
 /// The pool's sizes, as the model needs them.
 pub const DATA_SIZE: u64 = 4 << 30;
@@ -58,6 +69,8 @@ pub struct Live {
     /// stopping daemon waits for.
     rt: Option<Runtime>,
     client: Option<Client>,
+    /// The client's channel, for requests the typed clients cannot send.
+    channel: Option<Channel>,
 }
 
 impl Live {
@@ -74,6 +87,7 @@ impl Live {
             incarnation: 0,
             rt: None,
             client: None,
+            channel: None,
         }
     }
 
@@ -91,7 +105,7 @@ impl Live {
             .arg(self.root.join("pool"))
             .arg("--socket")
             .arg(&self.socket)
-            .args(["--backend", &crate::backend().to_string()])
+            .args(["--backend", &backend().to_string()])
             .args(["--data-size", "4G", "--metadata-size", "64M"])
             .args(["--base-size", "256M"])
             .arg("--imagefs-dir")
@@ -123,12 +137,14 @@ impl Live {
             }
             let socket = self.socket.clone();
             let client = self.rt().block_on(async move {
-                let mut c = Client::connect(&socket).await.ok()?;
+                let ch = connect(&socket).await.ok()?;
+                let mut c = Client::from_channel(ch.clone());
                 c.pool_status().await.ok()?;
-                Some(c)
+                Some((c, ch))
             });
-            if let Some(c) = client {
+            if let Some((c, ch)) = client {
                 self.client = Some(c);
+                self.channel = Some(ch);
                 return Ok(());
             }
             assert!(
@@ -151,6 +167,7 @@ impl Live {
     /// Drops the client and its connection.
     fn disconnect(&mut self) {
         self.client = None;
+        self.channel = None;
         self.rt = None;
     }
 
@@ -165,9 +182,11 @@ impl Live {
     /// comes once the process is gone, so it is waited for; an answer with a status comes
     /// from a live daemon.
     fn died(&mut self, s: &Status) -> Option<Crashed> {
+        // tonic reports a connection lost as Unavailable, Unknown or Cancelled; everything
+        // else is an answer (its Internal is the daemon's own, e.g. a message it could not
+        // decode).
         let wait = match s.code() {
             Code::Unavailable | Code::Unknown | Code::Cancelled => Duration::from_secs(10),
-            Code::Internal => Duration::from_millis(200),
             _ => Duration::ZERO,
         };
         let deadline = Instant::now() + wait;
@@ -190,8 +209,8 @@ impl Live {
         let Some(client) = self.client.clone() else {
             panic!("exec without a running daemon");
         };
-        let socket = self.socket.clone();
-        let r = self.rt().block_on(send(client, socket, op));
+        let channel = self.channel.clone().expect("a running daemon");
+        let r = self.rt().block_on(send(client, channel, op));
         match r {
             Err(s) => match self.died(&s) {
                 Some(c) => Err(c),
@@ -217,8 +236,9 @@ impl Live {
     }
 
     /// Every snapshot the daemon shows (an unfiltered List), with sizes and activity from
-    /// the admin ListDevices when `devices`.
-    pub fn view(&mut self, devices: bool) -> Result<PoolView, Crashed> {
+    /// the admin ListDevices when `devices`, and the pool's data size (PoolStatus) when
+    /// `status`.
+    pub fn view(&mut self, devices: bool, status: bool) -> Result<PoolView, Crashed> {
         let infos = self
             .call(async |c| list(c, vec![]).await)?
             .unwrap_or_else(|s| panic!("List failed: {s:?}"));
@@ -263,6 +283,17 @@ impl Live {
                     .filter(|k| !view.snaps.contains_key(*k))
                     .collect::<Vec<_>>()
             );
+        }
+        if status {
+            let st = self
+                .call(async |c| {
+                    c.admin_raw()
+                        .pool_status(admin::PoolStatusRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                })?
+                .unwrap_or_else(|s| panic!("PoolStatus failed: {s:?}"));
+            view.data_size = Some(st.data_space_total);
         }
         Ok(view)
     }
@@ -321,6 +352,20 @@ impl Live {
             std::thread::sleep(Duration::from_millis(5));
         }
         true
+    }
+
+    /// What a power cut (or a reboot) does to a pool whose daemon is gone: its kernel
+    /// objects go (sim: the runtime state; reflink: mounts and loop devices).
+    pub fn power_cut(&mut self) {
+        assert!(self.child.is_none(), "power cut under a running daemon");
+        let root = self.root.join("pool");
+        let store = thinpool::store::Store::open(&root.join("pool.redb")).expect("store");
+        let settings = store.read(|r| r.settings_if_any()).expect("settings");
+        drop(store);
+        if let Some(settings) = settings {
+            thinpool::backend::scrub(&thinpool::backend::PoolPaths::new(&root), &settings)
+                .expect("power cut");
+        }
     }
 
     /// Kills the current incarnation at once (SIGKILL), as a crash anywhere would.
@@ -421,7 +466,7 @@ async fn list(c: Client, filters: Vec<String>) -> Result<Vec<pb::Info>, Status> 
     Ok(out)
 }
 
-async fn send(c: Client, socket: PathBuf, op: &Op) -> Result<Reply, Status> {
+async fn send(c: Client, channel: Channel, op: &Op) -> Result<Reply, Status> {
     let mut s = c.snapshots_raw();
     let mut a = c.admin_raw();
     let sn = String::new;
@@ -548,6 +593,15 @@ async fn send(c: Client, socket: PathBuf, op: &Op) -> Result<Reply, Status> {
             s.cleanup(pb::CleanupRequest { snapshotter: sn() }).await?;
             Reply::Unit
         }
+        Op::Grow { data } => {
+            a.grow_pool(admin::GrowPoolRequest {
+                data: data.clone(),
+                metadata: String::new(),
+                force: false,
+            })
+            .await?;
+            Reply::Unit
+        }
         Op::Raw(Raw::UpdateWithoutInfo) => Reply::Info(
             s.update(pb::UpdateSnapshotRequest {
                 snapshotter: sn(),
@@ -564,11 +618,11 @@ async fn send(c: Client, socket: PathBuf, op: &Op) -> Result<Reply, Status> {
             let mut body = vec![0x12];
             put_varint(&mut body, key.len() as u64);
             body.extend_from_slice(key);
-            raw_unary(&socket, "Prepare", body).await?;
+            raw_unary(channel, "Prepare", body).await?;
             Reply::Mounts(vec![])
         }
         Op::Raw(Raw::Garbage(body)) => {
-            raw_unary(&socket, "Prepare", body.clone()).await?;
+            raw_unary(channel, "Prepare", body.clone()).await?;
             Reply::Mounts(vec![])
         }
     })
@@ -582,11 +636,10 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-/// Sends `body` as the message of the Snapshots method `method`, bytes as they are, on a
-/// fresh connection with no size limit of its own.
-pub async fn raw_unary(socket: &Path, method: &str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+/// A channel to the daemon's socket.
+pub async fn connect(socket: &Path) -> Result<Channel, Status> {
     let p = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::from_static("http://thinpoold.invalid")
+    tonic::transport::Endpoint::from_static("http://thinpoold.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
             async move {
@@ -596,7 +649,12 @@ pub async fn raw_unary(socket: &Path, method: &str, body: Vec<u8>) -> Result<Vec
             }
         }))
         .await
-        .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("connect: {e}")))
+}
+
+/// Sends `body` as the message of the Snapshots method `method`, bytes as they are, with
+/// no size limit on this side.
+pub async fn raw_unary(channel: Channel, method: &str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);

@@ -230,8 +230,27 @@ pub enum Op {
         key: String,
     },
     Cleanup,
+    /// thinpool's admin GrowPool of the data: a value of [`GROW_VALUES`].
+    Grow {
+        data: String,
+    },
     Raw(Raw),
 }
+
+/// The GrowPool data values the generators use, with what each asks for: grow by (`true`)
+/// or to (`false`) a size; `None`: not a size.
+pub const GROW_VALUES: &[(&str, Option<(bool, u64)>)] = &[
+    ("+64M", Some((true, 64 << 20))),
+    ("+1M", Some((true, 1 << 20))),
+    ("+100", Some((true, 100))),
+    ("+0", Some((true, 0))),
+    ("1G", Some((false, 1 << 30))),
+    ("", None),
+    ("x", None),
+];
+
+/// The pool's data block size (thinpool's default, 64 KiB): a grown size is a multiple.
+pub const BLOCK_SIZE: u64 = 64 << 10;
 
 impl Op {
     /// Whether the request may change the snapshots (so a crash in it may leave either
@@ -247,6 +266,7 @@ impl Op {
                 | Op::Mounts { .. }
                 | Op::Activate { .. }
                 | Op::Deactivate { .. }
+                | Op::Grow { .. }
         )
     }
 
@@ -264,6 +284,7 @@ impl Op {
             Op::Activate { .. } => "Activate",
             Op::Deactivate { .. } => "Deactivate",
             Op::Cleanup => "Cleanup",
+            Op::Grow { .. } => "Grow",
             Op::Raw(_) => "Raw",
         }
     }
@@ -280,7 +301,7 @@ impl Op {
             | Op::Mounts { key }
             | Op::Activate { key }
             | Op::Deactivate { key } => vec![key],
-            Op::List { .. } | Op::Cleanup | Op::Raw(_) => vec![],
+            Op::List { .. } | Op::Cleanup | Op::Grow { .. } | Op::Raw(_) => vec![],
         }
     }
 }
@@ -418,9 +439,13 @@ fn render_part(p: &str) -> String {
     if bare { p.to_string() } else { quote(p) }
 }
 
-/// A value bare when both parsers take it as one token, else quoted.
+/// A value bare when both parsers take it as one token, else quoted. A value starting
+/// with `/` or `|` would be read as quoted (filters: `isQuoteRune`).
 fn render_value(v: &str) -> String {
-    let bare = !v.is_empty()
+    let bare = v
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_-/:.".contains(c));
     if bare { v.to_string() } else { quote(v) }
@@ -552,6 +577,7 @@ impl Model {
                 Ok(Outcome::Done)
             }
             Op::Cleanup => Ok(Outcome::Done),
+            Op::Grow { data } => self.grow(data),
             // A request protobuf cannot decode: Internal, as gRPC answers any message it
             // cannot unmarshal. An Update without info: InvalidArgument (service).
             Op::Raw(Raw::NonUtf8Key(_) | Raw::Garbage(_)) => Err(Code::Internal),
@@ -719,6 +745,27 @@ impl Model {
         })
     }
 
+    /// thinpool's GrowPool (engine `plan_grow`): "" asks for nothing, and a size that is
+    /// not one, not above the pool's or not a multiple of its block size is refused, all
+    /// InvalidArgument. The host always has room in these tests.
+    fn grow(&mut self, data: &str) -> Result<Outcome, Code> {
+        let change = GROW_VALUES
+            .iter()
+            .find(|(v, _)| *v == data)
+            .unwrap_or_else(|| panic!("grow value {data:?} is not in GROW_VALUES"))
+            .1;
+        let new = match change {
+            None => return Err(Code::InvalidArgument),
+            Some((true, by)) => self.data_size + by,
+            Some((false, to)) => to,
+        };
+        if new <= self.data_size || !new.is_multiple_of(BLOCK_SIZE) {
+            return Err(Code::InvalidArgument);
+        }
+        self.data_size = new;
+        Ok(Outcome::Done)
+    }
+
     /// storage `WalkInfo` with `filters.ParseAll`.
     fn list(&self, filters: &ListFilters) -> Result<Outcome, Code> {
         match filters {
@@ -767,6 +814,11 @@ impl Model {
     /// Whether the pool equals the model, without learning anything: a description of the
     /// first difference otherwise.
     pub fn compare(&self, seen: &PoolView) -> Result<(), String> {
+        if let Some(d) = seen.data_size
+            && d != self.data_size
+        {
+            return Err(format!("data size {d}, model {}", self.data_size));
+        }
         let mine: BTreeSet<&String> = self.snaps.keys().collect();
         let theirs: BTreeSet<&String> = seen.snaps.keys().collect();
         if mine != theirs {
@@ -858,6 +910,8 @@ pub struct Seen {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PoolView {
     pub snaps: BTreeMap<String, Seen>,
+    /// The pool's data size (admin PoolStatus), when it was asked.
+    pub data_size: Option<u64>,
 }
 
 #[cfg(test)]

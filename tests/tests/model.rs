@@ -22,12 +22,12 @@ use proptest::prelude::*;
 use proptest::sample::select;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
-use thinpool_tests::live::{BASE_SIZE, Crashed, DATA_SIZE, Live, Reply, seen};
+use thinpool_tests::live::{self, BASE_SIZE, Crashed, DATA_SIZE, Live, Reply, seen};
 use thinpool_tests::model::*;
 use tonic::{Code, Status};
 
-/// Abort points the requests reach on every backend (grep `failpoint::hit`); the pool
-/// creation points are armed only for a first start.
+/// Abort points the requests reach on every backend (grep `failpoint::hit`), each with the
+/// highest hit to arm it at; the pool creation points are armed only for a first start.
 const ABORT_POINTS: &[(&str, u32)] = &[
     ("create:after_intent", 6),
     ("create:after_kernel", 6),
@@ -40,10 +40,24 @@ const ABORT_POINTS: &[(&str, u32)] = &[
     ("remove:after_intent", 4),
     ("remove:after_deactivate", 4),
     ("remove:after_kernel", 4),
+    ("grow:after_file", 2),
+    ("grow:after_kernel", 2),
 ];
+/// Abort points of one backend.
+const SIM_POINTS: &[(&str, u32)] = &[("sim:delete_after_metadata", 4)];
+const REFLINK_POINTS: &[(&str, u32)] = &[("grow:after_mount", 2)];
 const CREATE_POINTS: &[&str] = &["pool_create:after_store", "pool_create:after_mkfs"];
 /// Points armed with `=error`: the store write of a create's outcome fails once.
 const ERROR_POINTS: &[&str] = &["create:outcome_write", "snapshot:outcome_write"];
+
+fn abort_points() -> Vec<(&'static str, u32)> {
+    let own = match live::backend() {
+        thinpool::BackendKind::Sim => SIM_POINTS,
+        thinpool::BackendKind::Reflink => REFLINK_POINTS,
+        thinpool::BackendKind::Dm => &[],
+    };
+    ABORT_POINTS.iter().chain(own).copied().collect()
+}
 
 /// Keys the generators pick for new snapshots: plain, containerd-like, path-like, unicode.
 const FRESH_KEYS: &[&str] = &[
@@ -116,23 +130,39 @@ const BAD_FILTERS: &[&str] = &[
 #[derive(Clone, Debug)]
 struct RefState {
     model: Model,
-    /// `THINPOOL_FAILPOINTS` of each incarnation, in order; none armed after the last.
-    plan: Vec<String>,
+    /// The daemon's incarnations, in order; none armed after the last.
+    plan: Vec<Incarnation>,
+}
+
+/// How one daemon incarnation is armed.
+#[derive(Clone, Debug, Default)]
+struct Incarnation {
+    /// `THINPOOL_FAILPOINTS`.
+    failpoints: String,
+    /// If it crashes: a power cut too (the pool's kernel objects go) before the restart.
+    power_cut: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Restart {
+    /// SIGTERM: a clean stop.
+    Term,
+    /// SIGKILL between requests.
+    Kill,
+    /// SIGKILL, then a power cut.
+    PowerCut,
 }
 
 #[derive(Clone, Debug)]
 enum Step {
     Op(Op),
-    /// Restart the daemon between requests: SIGTERM, or SIGKILL.
-    Restart {
-        kill: bool,
-    },
+    Restart(Restart),
 }
 
 struct Reference;
 
-fn plan_entry(first: bool) -> BoxedStrategy<String> {
-    let abort = select(ABORT_POINTS).prop_flat_map(|(p, max)| (Just(p), 1..=max));
+fn plan_entry(first: bool) -> BoxedStrategy<Incarnation> {
+    let abort = select(abort_points()).prop_flat_map(|(p, max)| (Just(p), 1..=max));
     let abort = abort.prop_map(|(p, n)| format!("{p}@{n}"));
     let error = (select(ERROR_POINTS), 1..=4u32).prop_map(|(p, n)| format!("{p}=error@{n}"));
     let mut choices: Vec<(u32, BoxedStrategy<String>)> = vec![
@@ -146,7 +176,15 @@ fn plan_entry(first: bool) -> BoxedStrategy<String> {
     if first {
         choices.push((1, select(CREATE_POINTS).prop_map(str::to_string).boxed()));
     }
-    proptest::strategy::Union::new_weighted(choices).boxed()
+    (
+        proptest::strategy::Union::new_weighted(choices),
+        prop::bool::weighted(0.25),
+    )
+        .prop_map(|(failpoints, power_cut)| Incarnation {
+            failpoints,
+            power_cut,
+        })
+        .boxed()
 }
 
 impl ReferenceStateMachine for Reference {
@@ -236,7 +274,8 @@ impl ReferenceStateMachine for Reference {
             2 => keys().prop_map(|key| Step::Op(Op::Deactivate { key })),
             2 => Just(Step::Op(Op::Cleanup)),
             2 => raw().prop_map(|r| Step::Op(Op::Raw(r))),
-            1 => any::<bool>().prop_map(|kill| Step::Restart { kill }),
+            1 => select(GROW_VALUES).prop_map(|(v, _)| Step::Op(Op::Grow { data: v.to_string() })),
+            1 => select(&[Restart::Term, Restart::Kill, Restart::PowerCut][..]).prop_map(Step::Restart),
         ]
         .boxed()
     }
@@ -519,6 +558,12 @@ struct Totals {
     crashes: u64,
     crashes_at: BTreeMap<String, u64>,
     injected_errors: u64,
+    power_cuts: u64,
+    /// Time spent starting daemons, sending the requests, and checking after them.
+    t_start: Duration,
+    t_exec: Duration,
+    t_check: Duration,
+    t_by_op: BTreeMap<&'static str, (u64, Duration)>,
     restarts: u64,
     cases: u64,
     hits: BTreeMap<String, u64>,
@@ -540,9 +585,9 @@ struct Sut {
     live: Live,
     /// What the pool holds, as far as requests that returned have said.
     model: Model,
-    plan: VecDeque<String>,
-    /// `THINPOOL_FAILPOINTS` of the current incarnation.
-    armed: String,
+    plan: VecDeque<Incarnation>,
+    /// The current incarnation.
+    armed: Incarnation,
     /// The incarnation is armed to fail a store write, not yet consumed.
     error_armed: bool,
 }
@@ -552,9 +597,13 @@ impl Sut {
     fn start(&mut self) {
         for _ in 0..50 {
             self.armed = self.plan.pop_front().unwrap_or_default();
-            self.error_armed = self.armed.contains("=error");
-            let started = self.live.start(&self.armed);
-            totals(|t| t.restarts += 1);
+            self.error_armed = self.armed.failpoints.contains("=error");
+            let t0 = Instant::now();
+            let started = self.live.start(&self.armed.failpoints);
+            totals(|t| {
+                t.restarts += 1;
+                t.t_start += t0.elapsed();
+            });
             match started {
                 Ok(()) => return,
                 Err(c) => self.crashed(c),
@@ -581,14 +630,18 @@ impl Sut {
         totals(|t| {
             t.crashes += 1;
             *t.crashes_at.entry(point).or_insert(0) += 1;
+            t.power_cuts += u64::from(self.armed.power_cut);
         });
+        if self.armed.power_cut {
+            self.live.power_cut();
+        }
     }
 
     /// The pool as the daemon shows it now (restarting it if it dies meanwhile, which only
     /// a background reclaim at an armed point can do: nothing visible changes then).
-    fn view(&mut self) -> PoolView {
+    fn view(&mut self, status: bool) -> PoolView {
         loop {
-            match self.live.view(true) {
+            match self.live.view(true, status) {
                 Ok(v) => return v,
                 Err(c) => {
                     self.crashed(c);
@@ -600,8 +653,16 @@ impl Sut {
 
     /// After every step: the pool equals the model, every snapshot (or `keys`) Stats as
     /// List shows it, and the audit is clean.
+    /// `all`: Stat every snapshot and read the pool's size (after a start); else Stat
+    /// `keys`.
     fn check(&mut self, keys: &[String], all: bool, what: &dyn std::fmt::Debug) {
-        let view = self.view();
+        let t0 = Instant::now();
+        self.check_inner(keys, all, what);
+        totals(|t| t.t_check += t0.elapsed());
+    }
+
+    fn check_inner(&mut self, keys: &[String], all: bool, what: &dyn std::fmt::Debug) {
+        let view = self.view(all);
         if let Err(e) = self.model.check(&view) {
             panic!("after {what:?}: the pool differs from the model: {e}");
         }
@@ -678,6 +739,8 @@ fn check_reply(
             totals(|t| t.injected_errors += 1);
             false
         }
+        // Arbitrary filters may be refused too.
+        (Ok(Outcome::ListedSubset(_)), Err(s)) if s.code() == Code::InvalidArgument => false,
         (Err(code), Ok(r)) => panic!("{}: expected {code:?}, got {r:?}", ctx()),
         (Ok(o), Err(s)) => panic!("{}: expected {o:?}, got {s:?}", ctx()),
         (Ok(o), Ok(r)) => {
@@ -751,7 +814,7 @@ impl StateMachineTest for ModelTest {
             live: Live::new(&root),
             model: r.model.clone(),
             plan: r.plan.iter().cloned().collect(),
-            armed: String::new(),
+            armed: Incarnation::default(),
             error_armed: false,
         };
         sut.start();
@@ -771,11 +834,15 @@ impl StateMachineTest for ModelTest {
         OPS.fetch_add(1, Ordering::Relaxed);
         totals(|t| t.ops += 1);
         let op = match step {
-            Step::Restart { kill } => {
-                if kill {
-                    sut.live.kill();
-                } else {
-                    sut.live.stop();
+            Step::Restart(how) => {
+                match how {
+                    Restart::Term => sut.live.stop(),
+                    Restart::Kill => sut.live.kill(),
+                    Restart::PowerCut => {
+                        sut.live.kill();
+                        sut.live.power_cut();
+                        totals(|t| t.power_cuts += 1);
+                    }
                 }
                 sut.start();
                 sut.check(&[], true, &step);
@@ -797,20 +864,28 @@ impl StateMachineTest for ModelTest {
             .filter(|k| valid_name(k))
             .map(str::to_string)
             .collect();
-        match sut.live.exec(&op) {
+        let t0 = Instant::now();
+        let r = sut.live.exec(&op);
+        totals(|t| {
+            t.t_exec += t0.elapsed();
+            let e = t.t_by_op.entry(op.name()).or_default();
+            e.0 += 1;
+            e.1 += t0.elapsed();
+        });
+        match r {
             Ok(got) => {
                 sut.model = after;
                 if !check_reply(&mut sut, &op, &expected, got) {
                     sut.model = before;
                 }
-                sut.check(&keys, false, &op);
+                sut.check(&keys, matches!(op, Op::Grow { .. }), &op);
             }
             Err(c) => {
                 sut.crashed(c);
                 sut.start();
                 // The request in flight happened or did not: the pool must show one of the
                 // two, then match it exactly.
-                let view = sut.view();
+                let view = sut.view(true);
                 let candidates = if op.mutates() && expected.is_ok() {
                     vec![after, before]
                 } else {
@@ -866,8 +941,8 @@ fn model_based_random_requests_with_crashes() {
     let jobs = env_u64("THINPOOL_MODEL_JOBS", 2).max(1);
     let seed = env_u64("THINPOOL_MODEL_SEED", rand_seed());
     eprintln!(
-        "model: backend {}, seed {seed} (THINPOOL_MODEL_SEED replays), {} , {jobs} jobs",
-        thinpool_tests::backend(),
+        "model: backend {}, seed {seed} (THINPOOL_MODEL_SEED replays), {}, {jobs} jobs",
+        live::backend(),
         match soak {
             Some(d) => format!("soak for {d:?}"),
             None => format!("{budget} requests"),
@@ -891,8 +966,21 @@ fn model_based_random_requests_with_crashes() {
     let t = totals(std::mem::take);
     eprintln!("model: {} cases in {:.1?}", t.cases, started.elapsed());
     eprintln!(
-        "model: {} requests, {} crashes, {} injected store failures, {} daemon starts",
-        t.ops, t.crashes, t.injected_errors, t.restarts
+        "model: {} requests, {} crashes at failpoints, {} injected store failures, {} power \
+         cuts, {} daemon starts",
+        t.ops, t.crashes, t.injected_errors, t.power_cuts, t.restarts
+    );
+    eprintln!(
+        "model: time in daemon starts {:.1?}, requests {:.1?}, checks {:.1?}",
+        t.t_start, t.t_exec, t.t_check
+    );
+    eprintln!(
+        "model: mean time per request: {}",
+        t.t_by_op
+            .iter()
+            .map(|(op, (n, d))| format!("{op} {:.1?}", *d / (*n).max(1) as u32))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     eprintln!("model: crashes by failpoint: {:?}", t.crashes_at);
     eprintln!("model: failpoints reached (hits): {:?}", t.hits);
@@ -904,9 +992,9 @@ fn model_based_random_requests_with_crashes() {
         eprintln!("model:   {op}: {}", codes.join(", "));
     }
     assert!(t.ops >= budget.min(1), "no requests ran");
-    for p in ABORT_POINTS
-        .iter()
-        .map(|(p, _)| *p)
+    for p in abort_points()
+        .into_iter()
+        .map(|(p, _)| p)
         .chain(ERROR_POINTS.iter().copied())
         .chain(CREATE_POINTS.iter().copied())
     {
@@ -925,27 +1013,52 @@ fn rand_seed() -> u64 {
         .as_nanos() as u64
 }
 
-/// One proptest case (shrunk on failure), seeded by `seed` and `case`.
+/// One proptest case (shrunk on failure, unless `THINPOOL_MODEL_SHRINK=0`), seeded by
+/// `seed` and `case`.
 fn run_case(seed: u64, case: u64, steps: usize) {
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
     bytes[8..16].copy_from_slice(&case.to_le_bytes());
+    let shrink = env_u64("THINPOOL_MODEL_SHRINK", 64) as u32;
     let config = Config {
         cases: 1,
         failure_persistence: None,
-        max_shrink_iters: env_u64("THINPOOL_MODEL_SHRINK", 200) as u32,
-        max_shrink_time: 300_000,
+        max_shrink_iters: shrink,
+        max_shrink_time: 180_000,
         ..Config::default()
     };
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
     let mut runner = TestRunner::new_with_rng(config.clone(), rng);
     let strategy = Reference::sequential_strategy(1..=steps);
+    /// Says which case failed, however it fails.
+    struct Blame(u64, u64);
+    impl Drop for Blame {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                STOP.store(true, Ordering::Relaxed);
+                eprintln!(
+                    "model: case {} failed; replay: THINPOOL_MODEL_SEED={} (cases run in \
+                     order; THINPOOL_MODEL_JOBS=1 for the same case numbers)",
+                    self.1, self.0
+                );
+            }
+        }
+    }
+    let _blame = Blame(seed, case);
+    if shrink == 0 {
+        // The runner would ask the state machine's value tree for the failing case without
+        // shrinking it first, which it refuses: run the case directly.
+        use proptest::strategy::ValueTree;
+        let tree = strategy.new_tree(&mut runner).expect("generate a case");
+        let (init, transitions, _) = tree.current();
+        ModelTest::test_sequential(config, init, transitions, None);
+        return;
+    }
     let result = runner.run(&strategy, |(init, transitions, seen)| {
         ModelTest::test_sequential(config.clone(), init, transitions, seen);
         Ok(())
     });
     if let Err(e) = result {
-        STOP.store(true, Ordering::Relaxed);
         panic!("model case {case} (THINPOOL_MODEL_SEED={seed}) failed: {e}");
     }
 }
@@ -963,11 +1076,10 @@ fn oversized_messages_are_refused_and_the_daemon_lives() {
     let mut body = vec![0x12];
     thinpool_tests::live::put_varint(&mut body, 17 << 20);
     body.extend(std::iter::repeat_n(b'k', 17 << 20));
-    let r = rt.block_on(thinpool_tests::live::raw_unary(
-        &live.socket,
-        "Prepare",
-        body,
-    ));
+    let channel = rt
+        .block_on(thinpool_tests::live::connect(&live.socket))
+        .expect("connect");
+    let r = rt.block_on(thinpool_tests::live::raw_unary(channel, "Prepare", body));
     let s = r.expect_err("a 17 MiB request is refused");
     assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
     // A well-formed Prepare whose key is 4 MiB: under the limit, refused by the key rule.
@@ -980,7 +1092,7 @@ fn oversized_messages_are_refused_and_the_daemon_lives() {
     let s = r.expect("alive").expect_err("refused");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
     // Still serving.
-    let v = live.view(true).expect("alive");
+    let v = live.view(true, true).expect("alive");
     assert!(v.snaps.is_empty());
 }
 
