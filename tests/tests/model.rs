@@ -7,7 +7,8 @@
 //! outcome the pool shows, which must be one of the two), and everything else must match
 //! exactly. The same requests carry malformed keys, labels, filters, sizes and messages.
 //!
-//! Budget: `THINPOOL_MODEL_OPS` requests in all (default 10,000), over cases of up to
+//! Budget: `THINPOOL_MODEL_OPS` requests in all (default 10,000 on sim, the default backend
+//! here; 300 on the real ones), over cases of up to
 //! `THINPOOL_MODEL_STEPS` requests (default 200), `THINPOOL_MODEL_JOBS` cases at a time
 //! (default 2); `THINPOOL_MODEL_SOAK=<minutes>` runs cases until the time is up instead.
 //! `THINPOOL_MODEL_SEED` replays a run (each case prints its seed when it fails).
@@ -40,15 +41,32 @@ const ABORT_POINTS: &[(&str, u32)] = &[
     ("remove:after_intent", 4),
     ("remove:after_deactivate", 4),
     ("remove:after_kernel", 4),
-    ("grow:after_file", 2),
-    ("grow:after_kernel", 2),
+    ("grow:after_file", 1),
+    ("grow:after_kernel", 1),
 ];
 /// Abort points of one backend.
 const SIM_POINTS: &[(&str, u32)] = &[("sim:delete_after_metadata", 4)];
-const REFLINK_POINTS: &[(&str, u32)] = &[("grow:after_mount", 2)];
+const REFLINK_POINTS: &[(&str, u32)] = &[("grow:after_mount", 1)];
 const CREATE_POINTS: &[&str] = &["pool_create:after_store", "pool_create:after_mkfs"];
 /// Points armed with `=error`: the store write of a create's outcome fails once.
 const ERROR_POINTS: &[&str] = &["create:outcome_write", "snapshot:outcome_write"];
+
+thread_local! {
+    /// The failpoint the current case's first daemon is armed at, whatever its plan says:
+    /// cases take the points in turn, so that a run crashes at every one.
+    static FOCUS: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The focus of case `case`: every point, by turns, at hits 1, 2, ... up to its maximum.
+fn focus(case: u64) -> String {
+    let points: Vec<(&str, u32)> = abort_points()
+        .into_iter()
+        .chain(CREATE_POINTS.iter().map(|p| (*p, 1)))
+        .collect();
+    let (p, max) = points[(case % points.len() as u64) as usize];
+    let n = 1 + (case / points.len() as u64) % u64::from(max);
+    format!("{p}@{n}")
+}
 
 fn abort_points() -> Vec<(&'static str, u32)> {
     let own = match live::backend() {
@@ -274,7 +292,11 @@ impl ReferenceStateMachine for Reference {
             2 => keys().prop_map(|key| Step::Op(Op::Deactivate { key })),
             2 => Just(Step::Op(Op::Cleanup)),
             2 => raw().prop_map(|r| Step::Op(Op::Raw(r))),
-            1 => select(GROW_VALUES).prop_map(|(v, _)| Step::Op(Op::Grow { data: v.to_string() })),
+            2 => prop_oneof![
+                3 => select(&GROW_VALUES[..2]),
+                1 => select(GROW_VALUES),
+            ]
+            .prop_map(|(v, _)| Step::Op(Op::Grow { data: v.to_string() })),
             1 => select(&[Restart::Term, Restart::Kill, Restart::PowerCut][..]).prop_map(Step::Restart),
         ]
         .boxed()
@@ -289,23 +311,26 @@ impl ReferenceStateMachine for Reference {
 }
 
 /// Keys no well-behaved client sends: empty, at and past the length bound, control
-/// characters, arbitrary unicode.
+/// characters, arbitrary unicode. Built only when picked (they are large).
 fn fuzz_key() -> BoxedStrategy<String> {
+    let fixed = |i: usize| match i {
+        0 => String::new(),
+        1 => "x".repeat(MAX_NAME_LEN),
+        2 => "x".repeat(MAX_NAME_LEN + 1),
+        3 => format!("{}é", "x".repeat(MAX_NAME_LEN - 1)),
+        4 => "x".repeat(100_000),
+        5 => "a\0b".to_string(),
+        6 => "\n".to_string(),
+        7 => "tab\t".to_string(),
+        8 => "\u{7f}".to_string(),
+        9 => "\u{85}next-line".to_string(),
+        10 => "\u{200b}zero-width".to_string(),
+        _ => "%s%n%x".to_string(),
+    };
     prop_oneof![
-        Just(String::new()),
-        Just("x".repeat(MAX_NAME_LEN)),
-        Just("x".repeat(MAX_NAME_LEN + 1)),
-        Just(format!("{}é", "x".repeat(MAX_NAME_LEN - 1))),
-        Just("x".repeat(100_000)),
-        Just("a\0b".to_string()),
-        Just("\n".to_string()),
-        Just("tab\t".to_string()),
-        Just("\u{7f}".to_string()),
-        Just("\u{85}next-line".to_string()),
-        Just("\u{200b}zero-width".to_string()),
-        Just("%s%n%x".to_string()),
-        "[a-z/._-]{1,12}",
-        any::<String>(),
+        6 => (0..12usize).prop_map(fixed),
+        1 => "[a-z/._-]{1,12}",
+        1 => any::<String>(),
     ]
     .boxed()
 }
@@ -362,23 +387,29 @@ fn label_value() -> BoxedStrategy<String> {
     .boxed()
 }
 
-/// Labels past thinpoold's bounds, or right at them.
+/// Labels past thinpoold's bounds, or right at them. Built only when picked.
 fn fuzz_labels() -> BoxedStrategy<Labels> {
-    let n = |n: usize, v: &str| -> Labels {
+    fn n(n: usize, v: &str) -> Labels {
         (0..n).map(|i| (format!("k{i}"), v.to_string())).collect()
+    }
+    fn one(k: String, v: String) -> Labels {
+        [(k, v)].into()
+    }
+    let fixed = |i: usize| match i {
+        0 => n(MAX_LABELS, "v"),
+        1 => n(MAX_LABELS + 1, "v"),
+        2 => n(MAX_LABELS + 1, ""),
+        3 => n(16, &"v".repeat(MAX_LABEL_VALUE_LEN)),
+        4 => n(17, &"v".repeat(MAX_LABEL_VALUE_LEN)),
+        5 => one("k".repeat(MAX_LABEL_KEY_LEN), "v".into()),
+        6 => one("k".repeat(MAX_LABEL_KEY_LEN + 1), "v".into()),
+        7 => one("k".into(), "v".repeat(MAX_LABEL_VALUE_LEN + 1)),
+        8 => one(String::new(), "v".into()),
+        _ => one(String::new(), String::new()),
     };
     prop_oneof![
-        Just(n(MAX_LABELS, "v")),
-        Just(n(MAX_LABELS + 1, "v")),
-        Just(n(MAX_LABELS + 1, "")),
-        Just(n(16, &"v".repeat(MAX_LABEL_VALUE_LEN))),
-        Just(n(17, &"v".repeat(MAX_LABEL_VALUE_LEN))),
-        Just([("k".repeat(MAX_LABEL_KEY_LEN), "v".to_string())].into()),
-        Just([("k".repeat(MAX_LABEL_KEY_LEN + 1), "v".to_string())].into()),
-        Just([("k".to_string(), "v".repeat(MAX_LABEL_VALUE_LEN + 1))].into()),
-        Just([(String::new(), "v".to_string())].into()),
-        Just([(String::new(), String::new())].into()),
-        prop::collection::btree_map(any::<String>(), any::<String>(), 0..4),
+        3 => (0..10usize).prop_map(fixed),
+        1 => prop::collection::btree_map(any::<String>(), any::<String>(), 0..4),
     ]
     .boxed()
 }
@@ -483,35 +514,40 @@ fn list_filters(m: &Model, label_keys: &[String]) -> BoxedStrategy<ListFilters> 
     let sel = selector(m, label_keys);
     let parsed = prop::collection::vec(prop::collection::vec(sel.clone(), 1..4), 0..3)
         .prop_map(ListFilters::Parsed);
-    let deep = |n: usize| Sel {
-        path: std::iter::once("labels".to_string())
-            .chain((1..n).map(|_| "a".to_string()))
-            .collect(),
-        op: FilterOp::Present,
-        value: String::new(),
-    };
-    let name = |v: String| Sel {
-        path: vec!["name".into()],
-        op: FilterOp::Eq,
-        value: v,
-    };
     // Right at thinpoold's bounds and just past them: the model knows which is which.
-    let bounds = prop_oneof![
-        Just(vec![vec![deep(MAX_PATH_DEPTH)]]),
-        Just(vec![vec![deep(MAX_PATH_DEPTH + 1)]]),
-        Just(vec![vec![name("a".into())]; MAX_FILTERS]),
-        Just(vec![vec![name("a".into())]; MAX_FILTERS + 1]),
-        Just(vec![vec![name("a".into()); 64]; 4]),
-        Just(vec![
+    // Built only when picked.
+    fn deep(n: usize) -> Sel {
+        Sel {
+            path: std::iter::once("labels".to_string())
+                .chain((1..n).map(|_| "a".to_string()))
+                .collect(),
+            op: FilterOp::Present,
+            value: String::new(),
+        }
+    }
+    fn name(v: String) -> Sel {
+        Sel {
+            path: vec!["name".into()],
+            op: FilterOp::Eq,
+            value: v,
+        }
+    }
+    let fixed = |i: usize| match i {
+        0 => vec![vec![deep(MAX_PATH_DEPTH)]],
+        1 => vec![vec![deep(MAX_PATH_DEPTH + 1)]],
+        2 => vec![vec![name("a".into())]; MAX_FILTERS],
+        3 => vec![vec![name("a".into())]; MAX_FILTERS + 1],
+        4 => vec![vec![name("a".into()); 64]; 4],
+        5 => vec![
             vec![name("a".into()); 64],
             vec![name("a".into()); 65],
             vec![name("a".into()); 64],
-            vec![name("a".into()); 64]
-        ]),
-        Just(vec![vec![name("v".repeat(MAX_FILTER_BYTES))]]),
-        Just(vec![vec![name("v".repeat(MAX_FILTER_BYTES - 6))]]),
-    ]
-    .prop_map(ListFilters::Parsed);
+            vec![name("a".into()); 64],
+        ],
+        6 => vec![vec![name("v".repeat(MAX_FILTER_BYTES))]],
+        _ => vec![vec![name("v".repeat(MAX_FILTER_BYTES - 6))]],
+    };
+    let bounds = (0..8usize).prop_map(fixed).prop_map(ListFilters::Parsed);
     prop_oneof![
         20 => parsed,
         2 => prop::collection::vec(select(BAD_FILTERS).prop_map(str::to_string), 1..3)
@@ -527,7 +563,8 @@ fn raw() -> BoxedStrategy<Raw> {
         Just(vec![0xff]),
         Just(vec![b'a', 0xc0, 0x80]),
         Just(vec![0xed, 0xa0, 0x80]),
-        prop::collection::vec(0x80..=0xffu8, 1..16),
+        prop::collection::vec(0x80..=0xffu8, 1..16)
+            .prop_filter("not UTF-8", |v| std::str::from_utf8(v).is_err()),
     ];
     // A field with an invalid wire type (7), or a length longer than what follows: no
     // protobuf decoder takes either.
@@ -639,9 +676,9 @@ impl Sut {
 
     /// The pool as the daemon shows it now (restarting it if it dies meanwhile, which only
     /// a background reclaim at an armed point can do: nothing visible changes then).
-    fn view(&mut self, status: bool) -> PoolView {
+    fn view(&mut self, devices: bool, status: bool) -> PoolView {
         loop {
-            match self.live.view(true, status) {
+            match self.live.view(devices, status) {
                 Ok(v) => return v,
                 Err(c) => {
                     self.crashed(c);
@@ -654,15 +691,21 @@ impl Sut {
     /// After every step: the pool equals the model, every snapshot (or `keys`) Stats as
     /// List shows it, and the audit is clean.
     /// `all`: Stat every snapshot and read the pool's size (after a start); else Stat
-    /// `keys`.
-    fn check(&mut self, keys: &[String], all: bool, what: &dyn std::fmt::Debug) {
+    /// `keys`. Devices' sizes and activity (admin ListDevices) are compared after a start
+    /// or a request that may change them.
+    fn check(&mut self, keys: &[String], all: bool, what: &Step) {
         let t0 = Instant::now();
-        self.check_inner(keys, all, what);
+        let devices = all
+            || match what {
+                Step::Op(op) => op.mutates() || matches!(op, Op::Cleanup),
+                Step::Restart(_) => true,
+            };
+        self.check_inner(keys, all, devices, what);
         totals(|t| t.t_check += t0.elapsed());
     }
 
-    fn check_inner(&mut self, keys: &[String], all: bool, what: &dyn std::fmt::Debug) {
-        let view = self.view(all);
+    fn check_inner(&mut self, keys: &[String], all: bool, devices: bool, what: &Step) {
+        let view = self.view(devices, all);
         if let Err(e) = self.model.check(&view) {
             panic!("after {what:?}: the pool differs from the model: {e}");
         }
@@ -810,10 +853,17 @@ impl StateMachineTest for ModelTest {
 
     fn init_test(r: &RefState) -> Sut {
         let root = thinpool_tests::pool_dir("model", false);
+        let mut plan: VecDeque<Incarnation> = r.plan.iter().cloned().collect();
+        let focus = FOCUS.with(|f| f.borrow().clone());
+        if !focus.is_empty()
+            && let Some(first) = plan.front_mut()
+        {
+            first.failpoints = focus;
+        }
         let mut sut = Sut {
             live: Live::new(&root),
             model: r.model.clone(),
-            plan: r.plan.iter().cloned().collect(),
+            plan,
             armed: Incarnation::default(),
             error_armed: false,
         };
@@ -825,7 +875,7 @@ impl StateMachineTest for ModelTest {
              `cargo build -p thinpool-server --features thinpool/failpoints` (or run \
              `cargo test --workspace`, which builds it with the tests' features)"
         );
-        sut.check(&[], true, &"start");
+        sut.check(&[], true, &Step::Restart(Restart::Term));
         totals(|t| t.cases += 1);
         sut
     }
@@ -845,7 +895,7 @@ impl StateMachineTest for ModelTest {
                     }
                 }
                 sut.start();
-                sut.check(&[], true, &step);
+                sut.check(&[], true, &Step::Restart(how));
                 return sut;
             }
             Step::Op(op) => op,
@@ -878,14 +928,15 @@ impl StateMachineTest for ModelTest {
                 if !check_reply(&mut sut, &op, &expected, got) {
                     sut.model = before;
                 }
-                sut.check(&keys, matches!(op, Op::Grow { .. }), &op);
+                let grew = matches!(op, Op::Grow { .. });
+                sut.check(&keys, grew, &Step::Op(op));
             }
             Err(c) => {
                 sut.crashed(c);
                 sut.start();
                 // The request in flight happened or did not: the pool must show one of the
                 // two, then match it exactly.
-                let view = sut.view(true);
+                let view = sut.view(true, true);
                 let candidates = if op.mutates() && expected.is_ok() {
                     vec![after, before]
                 } else {
@@ -899,7 +950,7 @@ impl StateMachineTest for ModelTest {
                     panic!("after a crash in {op:?}: the pool is neither outcome: {diffs:?}");
                 };
                 sut.model = candidates.into_iter().nth(i).unwrap();
-                sut.check(&[], true, &op);
+                sut.check(&[], true, &Step::Op(op));
             }
         }
         sut
@@ -910,7 +961,7 @@ impl StateMachineTest for ModelTest {
         sut.plan.clear();
         sut.live.stop();
         sut.start();
-        sut.check(&[], true, &"final restart");
+        sut.check(&[], true, &Step::Restart(Restart::Term));
         let hits = sut.live.hits();
         totals(|t| {
             for (k, v) in hits {
@@ -936,7 +987,13 @@ fn model_based_random_requests_with_crashes() {
     let soak = std::env::var("THINPOOL_MODEL_SOAK")
         .ok()
         .map(|m| Duration::from_secs_f64(m.parse::<f64>().expect("minutes") * 60.0));
-    let budget = env_u64("THINPOOL_MODEL_OPS", 10_000);
+    // The real backends are much slower (loop devices, mkfs): a sample there.
+    let default_ops = if live::backend() == thinpool::BackendKind::Sim {
+        10_000
+    } else {
+        300
+    };
+    let budget = env_u64("THINPOOL_MODEL_OPS", default_ops);
     let steps = env_u64("THINPOOL_MODEL_STEPS", 200) as usize;
     let jobs = env_u64("THINPOOL_MODEL_JOBS", 2).max(1);
     let seed = env_u64("THINPOOL_MODEL_SEED", rand_seed());
@@ -992,16 +1049,31 @@ fn model_based_random_requests_with_crashes() {
         eprintln!("model:   {op}: {}", codes.join(", "));
     }
     assert!(t.ops >= budget.min(1), "no requests ran");
-    for p in abort_points()
+    // Each case's first daemon is armed at the next point in turn: once the run has had
+    // each point's turn three times, every one must have been reached, and must have
+    // crashed the daemon.
+    let points: Vec<&str> = abort_points()
         .into_iter()
         .map(|(p, _)| p)
-        .chain(ERROR_POINTS.iter().copied())
         .chain(CREATE_POINTS.iter().copied())
-    {
-        assert!(
-            t.hits.contains_key(p),
-            "failpoint {p} was never reached: {:?}",
-            t.hits
+        .collect();
+    if t.cases >= 3 * points.len() as u64 {
+        let unreached: Vec<&&str> = points
+            .iter()
+            .chain(ERROR_POINTS)
+            .filter(|p| !t.hits.contains_key(**p))
+            .collect();
+        assert!(unreached.is_empty(), "never reached: {unreached:?}");
+        let missed: Vec<&&str> = points
+            .iter()
+            .filter(|p| !t.crashes_at.contains_key(**p))
+            .collect();
+        assert!(missed.is_empty(), "no crash at {missed:?}");
+    } else {
+        eprintln!(
+            "model: {} cases, too few to require a crash at each of the {} failpoints",
+            t.cases,
+            points.len()
         );
     }
 }
@@ -1029,7 +1101,7 @@ fn run_case(seed: u64, case: u64, steps: usize) {
     };
     let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &bytes);
     let mut runner = TestRunner::new_with_rng(config.clone(), rng);
-    let strategy = Reference::sequential_strategy(1..=steps);
+    let strategy = Reference::sequential_strategy(steps.div_ceil(2)..=steps);
     /// Says which case failed, however it fails.
     struct Blame(u64, u64);
     impl Drop for Blame {
@@ -1045,6 +1117,7 @@ fn run_case(seed: u64, case: u64, steps: usize) {
         }
     }
     let _blame = Blame(seed, case);
+    FOCUS.with(|f| *f.borrow_mut() = focus(case));
     if shrink == 0 {
         // The runner would ask the state machine's value tree for the failing case without
         // shrinking it first, which it refuses: run the case directly.
