@@ -12,9 +12,11 @@
 //!
 //! Left out: List's order (containerd walks keys in byte order, thinpoold in creation
 //! order; the model compares sets), the `~=` operator beyond its refusal, Usage's figures
-//! (only that they are there, and frozen once a layer is committed), the free-space guard
-//! (the tests' pools never fill), concurrency (one request at a time), and the
-//! `snapshotter` field (thinpoold serves one pool and ignores it).
+//! (only that they are there, and frozen once a layer is committed), what Update answers
+//! for a label set to "" (containerd's answer still carries it, thinpoold's shows the
+//! labels as stored; both store without it), the free-space guard (the tests' pools never
+//! fill), mounts' contents (sim devices hold no filesystems), concurrency (one request at
+//! a time), and the `snapshotter` field (thinpoold serves one pool and ignores it).
 
 use std::collections::{BTreeMap, BTreeSet};
 

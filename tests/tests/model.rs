@@ -11,7 +11,7 @@
 //! here; 300 on the real ones), over cases of up to
 //! `THINPOOL_MODEL_STEPS` requests (default 200), `THINPOOL_MODEL_JOBS` cases at a time
 //! (default 2); `THINPOOL_MODEL_SOAK=<minutes>` runs cases until the time is up instead.
-//! `THINPOOL_MODEL_SEED` replays a run (each case prints its seed when it fails).
+//! `THINPOOL_MODEL_SEED` and `THINPOOL_MODEL_CASE` replay a failed case (it prints both).
 //! The daemon must be built with the `failpoints` feature (the test checks, and says how).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -1005,11 +1005,17 @@ fn model_based_random_requests_with_crashes() {
             None => format!("{budget} requests"),
         }
     );
-    let next_case = AtomicU64::new(0);
-    let done = || match soak {
-        Some(d) => started.elapsed() >= d,
-        None => OPS.load(Ordering::Relaxed) >= budget,
+    // THINPOOL_MODEL_CASE=N runs case N of the seed's run alone (to replay a failure).
+    let only = std::env::var("THINPOOL_MODEL_CASE")
+        .ok()
+        .map(|c| c.parse::<u64>().expect("THINPOOL_MODEL_CASE: a case number"));
+    let next_case = AtomicU64::new(only.unwrap_or(0));
+    let done = || match (only, soak) {
+        (Some(c), _) => next_case.load(Ordering::Relaxed) > c,
+        (None, Some(d)) => started.elapsed() >= d,
+        (None, None) => OPS.load(Ordering::Relaxed) >= budget,
     };
+    let jobs = if only.is_some() { 1 } else { jobs };
     std::thread::scope(|s| {
         for _ in 0..jobs {
             s.spawn(|| {
@@ -1109,9 +1115,9 @@ fn run_case(seed: u64, case: u64, steps: usize) {
             if std::thread::panicking() {
                 STOP.store(true, Ordering::Relaxed);
                 eprintln!(
-                    "model: case {} failed; replay: THINPOOL_MODEL_SEED={} (cases run in \
-                     order; THINPOOL_MODEL_JOBS=1 for the same case numbers)",
-                    self.1, self.0
+                    "model: case {} failed; replay it: THINPOOL_MODEL_SEED={} \
+                     THINPOOL_MODEL_CASE={}",
+                    self.1, self.0, self.1
                 );
             }
         }
