@@ -31,9 +31,12 @@ mod imp {
     }
 
     fn parse(spec: &str) -> Armed {
-        let (rest, at) = match spec.rsplit_once('@') {
-            Some((r, n)) if n.parse::<u64>().is_ok_and(|n| n > 0) => (r, n.parse().unwrap_or(1)),
-            _ => (spec, 1),
+        let (rest, at) = match spec
+            .rsplit_once('@')
+            .and_then(|(r, n)| Some((r, n.parse::<u64>().ok().filter(|&n| n > 0)?)))
+        {
+            Some(x) => x,
+            None => (spec, 1),
         };
         match rest.strip_suffix("=error") {
             Some(name) => Armed {
@@ -47,6 +50,22 @@ mod imp {
                 at,
             },
         }
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn specs_name_the_action_and_the_hit() {
+        let a = parse("commit:after_flush@3");
+        assert_eq!((a.name.as_str(), a.at), ("commit:after_flush", 3));
+        assert!(a.action == Action::Abort);
+        let a = parse("create:outcome_write=error@2");
+        assert_eq!((a.name.as_str(), a.at), ("create:outcome_write", 2));
+        assert!(a.action == Action::Error);
+        let a = parse("remove:after_intent");
+        assert_eq!((a.name.as_str(), a.at), ("remove:after_intent", 1));
+        // Not a hit number: part of the name (and so never reached).
+        assert_eq!(parse("x@0").name, "x@0");
+        assert_eq!(parse("x@y").name, "x@y");
     }
 
     fn armed() -> &'static [Armed] {
