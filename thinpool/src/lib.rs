@@ -9,6 +9,7 @@
 
 mod asyncpool;
 pub mod backend;
+mod blockdev;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
