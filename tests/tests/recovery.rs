@@ -302,7 +302,7 @@ fn failed_outcome_write_rolls_back_the_create() {
         let mut req = request("new", None, DeviceKind::Active);
         req.activate = true;
         let e = pool.snapshot(req.clone()).unwrap_err();
-        assert!(matches!(e, Error::Store(_)), "{e}");
+        assert!(matches!(e, Error::Store { .. }), "{e}");
         assert!(matches!(pool.device(&name("new")), Err(Error::NotFound(_))));
         pool.snapshot(req).expect("the key is free at once");
         let report = pool.audit().unwrap();

@@ -31,7 +31,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
                 .unwrap_or_else(|| "a panic".into()),
             Err(e) => e.to_string(),
         };
-        Error::Inconsistent(format!("internal error in the engine (a bug): {why}"))
+        Error::Internal(why)
     })?
 }
 
@@ -167,5 +167,28 @@ impl AsyncPool {
     pub async fn teardown(&self) -> Result<()> {
         let p = self.pool.clone();
         blocking(move || p.teardown()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn a_panic_in_the_engine_is_internal_with_its_message() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt
+            .block_on(blocking(|| -> Result<()> { panic!("the bug's own words") }))
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Internal(m) if m.contains("the bug's own words")),
+            "{e}"
+        );
+        assert_eq!(e.kind(), ErrorKind::Internal, "not DataLoss: {e}");
+        let ok = rt.block_on(blocking(|| Ok(7))).unwrap();
+        assert_eq!(ok, 7);
     }
 }

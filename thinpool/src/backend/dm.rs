@@ -110,10 +110,7 @@ impl Names {
 }
 
 fn errno_of(e: &DmError) -> Option<nix::errno::Errno> {
-    match e {
-        DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, err)) => Some(**err),
-        _ => None,
-    }
+    crate::error::dm_errno(e)
 }
 
 fn dm_err(context: impl Into<String>) -> impl FnOnce(DmError) -> Error {
@@ -404,6 +401,7 @@ impl DmBackend {
                 Err(match restored {
                     Ok(()) => Error::Dm {
                         context: what.to_string(),
+                        errno: errno_of(&resume),
                         message: format!(
                             "the kernel refused the new table at resume ({resume}); the pool \
                              is back as it was (see the kernel log)"
@@ -411,6 +409,7 @@ impl DmBackend {
                     },
                     Err(e) => Error::Dm {
                         context: what.to_string(),
+                        errno: errno_of(&resume),
                         message: format!(
                             "the pool did not resume ({resume}) and neither did it with its \
                              old tables ({e}): it is SUSPENDED and its devices hang until \
@@ -556,6 +555,7 @@ impl DmBackend {
         let e = last.expect("at least one attempt");
         Err(Error::Dm {
             context: format!("resume origin {origin}"),
+            errno: errno_of(&e),
             message: format!(
                 "{e}{}: the origin is SUSPENDED and its users hang until `dmsetup resume {}` \
                  succeeds (thinpoold also resumes it at its next start)",
@@ -716,6 +716,7 @@ impl DmBackend {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::Dm {
                 context: format!("status of thin {id}"),
+                errno: None,
                 message: format!("unexpected status line {line:?}"),
             })?;
         Ok(Some(Bytes(mapped * 512)))
@@ -876,6 +877,7 @@ impl Backend for DmBackend {
             ThinPoolStatus::Error => {
                 return Err(Error::Dm {
                     context: "pool status".into(),
+                    errno: None,
                     message: "the kernel reported Error".into(),
                 });
             }

@@ -155,7 +155,7 @@ impl Pool {
             "snapshot:outcome_write"
         };
         let recorded = if failpoint::fail_once(point) {
-            Err(Error::Store("failpoint: outcome write".into()))
+            Err(Error::store("failpoint: outcome write"))
         } else {
             self.store.write(|w| {
                 w.put_device(&done)?;

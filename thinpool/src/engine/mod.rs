@@ -486,8 +486,8 @@ impl Pool {
 /// A store error while opening the pool, with what to do about it.
 fn store_damaged(e: Error) -> Error {
     match e {
-        Error::Store(m) => Error::Inconsistent(format!(
-            "the metadata store failed ({m}); {}",
+        Error::Store { message, .. } => Error::Inconsistent(format!(
+            "the metadata store failed ({message}); {}",
             crate::store::REPAIR_HINT
         )),
         e => e,
