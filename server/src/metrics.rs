@@ -175,7 +175,7 @@ impl Exporter {
     pub async fn health(&self) -> Result<String, String> {
         let st = self
             .pool
-            .status()
+            .run(|p| p.status())
             .await
             .map_err(|e| format!("pool status: {e}"))?;
         let k = &st.kernel;
@@ -193,33 +193,34 @@ impl Exporter {
 
     /// The metrics text (OpenMetrics text format, which Prometheus scrapes).
     pub async fn render(&self) -> Result<String, String> {
-        let engine = self.pool.engine().clone();
         let per_device = self.per_device;
-        let snap = tokio::task::spawn_blocking(move || -> Result<Snapshot, String> {
-            let status = engine.status().map_err(|e| e.to_string())?;
-            let devices = engine.devices().map_err(|e| e.to_string())?;
-            // Per-device figures are best effort: without them the scrape still reports
-            // the pool (a failure is logged, and the series are absent this time).
-            let mapped = if per_device {
-                engine
-                    .mapped_bytes_all()
-                    .map_err(|e| warn!(error = %e, "metrics: per-device mapped bytes"))
+        let snap = self
+            .pool
+            .run(move |engine| {
+                let status = engine.status()?;
+                let devices = engine.devices()?;
+                // Per-device figures are best effort: without them the scrape still reports
+                // the pool (a failure is logged, and the series are absent this time).
+                let mapped = if per_device {
+                    engine
+                        .mapped_bytes_all()
+                        .map_err(|e| warn!(error = %e, "metrics: per-device mapped bytes"))
+                        .ok()
+                } else {
+                    None
+                };
+                let host_free = nix::sys::statvfs::statvfs(&engine.paths().root)
                     .ok()
-            } else {
-                None
-            };
-            let host_free = nix::sys::statvfs::statvfs(&engine.paths().root)
-                .ok()
-                .map(|fs| fs.blocks_available() * fs.fragment_size());
-            Ok(Snapshot {
-                status,
-                devices,
-                mapped,
-                host_free,
+                    .map(|fs| fs.blocks_available() * fs.fragment_size());
+                Ok(Snapshot {
+                    status,
+                    devices,
+                    mapped,
+                    host_free,
+                })
             })
-        })
-        .await
-        .map_err(|e| format!("metrics task failed: {e}"))??;
+            .await
+            .map_err(|e| e.to_string())?;
         self.encode(snap)
     }
 
@@ -328,7 +329,7 @@ impl Exporter {
                 .set(n);
         }
         reg.register("thinpool_devices", "Thin devices by kind", fam);
-        let c = pool.counters();
+        let c = pool.engine().counters();
         counter(
             &mut reg,
             "thinpool_grows",
