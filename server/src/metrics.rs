@@ -60,15 +60,6 @@ fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
     reg.register(name, help, c);
 }
 
-fn kind_name(k: DeviceKind) -> &'static str {
-    match k {
-        DeviceKind::Base => "base",
-        DeviceKind::Committed => "committed",
-        DeviceKind::Active => "active",
-        DeviceKind::View => "view",
-    }
-}
-
 /// The engine's latency histograms, encoded straight from their bucket counts (the engine
 /// keeps them as atomics; see `thinpool::timing`).
 #[derive(Debug)]
@@ -318,10 +309,9 @@ impl Exporter {
             "The pool's metadata transaction id",
             k.transaction_id,
         );
-        let mut by_kind: BTreeMap<&str, i64> =
-            [("base", 0), ("committed", 0), ("active", 0), ("view", 0)].into();
+        let mut by_kind: BTreeMap<&str, i64> = DeviceKind::ALL.map(|k| (k.as_str(), 0)).into();
         for d in &devices {
-            *by_kind.entry(kind_name(d.kind)).or_default() += 1;
+            *by_kind.entry(d.kind.as_str()).or_default() += 1;
         }
         let fam = Family::<Vec<(String, String)>, Gauge<i64>>::default();
         for (kind, n) in by_kind {
@@ -390,7 +380,7 @@ impl Exporter {
                 DeviceBytes(
                     mapped
                         .into_iter()
-                        .map(|(r, b)| (r.id.to_string(), kind_name(r.kind), b.0))
+                        .map(|(r, b)| (r.id.to_string(), r.kind.as_str(), b.0))
                         .collect(),
                 ),
             );

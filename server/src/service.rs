@@ -101,15 +101,6 @@ fn timestamp(ns: u64) -> prost_types::Timestamp {
     }
 }
 
-fn kind_str(k: DeviceKind) -> &'static str {
-    match k {
-        DeviceKind::Active => "active",
-        DeviceKind::View => "view",
-        DeviceKind::Committed => "committed",
-        DeviceKind::Base => "base",
-    }
-}
-
 fn pb_kind(k: DeviceKind) -> pb::Kind {
     match k {
         DeviceKind::Active => pb::Kind::Active,
@@ -375,7 +366,7 @@ fn parent_name(engine: &Pool, parent: Option<ThinId>) -> Result<String, Status> 
     let Some(id) = parent else {
         return Ok(String::new());
     };
-    let rec = engine.device_by_id(id).map_err(status)?;
+    let rec = engine.record_by_id(id).map_err(status)?;
     Ok(match (rec.kind, rec.name) {
         (DeviceKind::Base, _) | (_, None) => String::new(),
         (_, Some(n)) => n.to_string(),
@@ -445,7 +436,7 @@ fn list_page(
                 None => {
                     // A parent on another page; the base device has no name.
                     let n = engine
-                        .device_by_id(p)
+                        .record_by_id(p)
                         .ok()
                         .filter(|r| r.kind != DeviceKind::Base)
                         .and_then(|r| r.name.map(|n| n.to_string()))
@@ -459,7 +450,7 @@ fn list_page(
         let keep = filters.matches(&Fields {
             name: &i.name,
             parent: &i.parent,
-            kind: kind_str(rec.kind),
+            kind: rec.kind.as_str(),
             labels: &i.labels,
         });
         if keep {

@@ -120,7 +120,7 @@ impl Pool {
                 self.backend.create_snapshot(rec.id, origin, rec.size)?
             };
             failpoint::hit(&format!("{op}:after_kernel"));
-            let origin_size = self.record(origin)?.size;
+            let origin_size = self.record_by_id(origin)?.size;
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
             }

@@ -410,7 +410,7 @@ impl Pool {
                 Err(e) => {
                     // Put back what we took down, so that a refusal changes nothing.
                     for id in &report.deactivated {
-                        if let Ok(rec) = self.record(*id) {
+                        if let Ok(rec) = self.record_by_id(*id) {
                             let ro = rec.kind != DeviceKind::Active;
                             if let Err(e) = self.backend.activate(*id, rec.size, ro) {
                                 warn!(id = %id, error = %e, "could not re-activate after a refused take-down");
@@ -446,7 +446,7 @@ impl Pool {
             .iter()
             .take(16)
             .map(|(id, node)| {
-                let key = self.record(*id).ok().and_then(|r| r.name);
+                let key = self.record_by_id(*id).ok().and_then(|r| r.name);
                 match key {
                     Some(k) => format!("{:?} (thin {id}, {})", k.as_str(), node.display()),
                     None => format!("thin {id} ({})", node.display()),

@@ -12,13 +12,17 @@ use crate::units::Bytes;
 use super::Pool;
 
 impl Pool {
-    pub(super) fn record(&self, id: ThinId) -> Result<DeviceRecord> {
+    /// The record with thin id `id`, in any state (e.g. to name a device's parent); the
+    /// base device's too. Compare [`Pool::device`], which only returns usable devices.
+    pub fn record_by_id(&self, id: ThinId) -> Result<DeviceRecord> {
         self.store
             .read(|r| r.device(id))?
             .ok_or_else(|| Error::NotFound(format!("thin id {id}")))
     }
 
-    /// The record of a named device that is ready for use.
+    /// The device named `name`, ready for use: `NotFound` for no such name or one being
+    /// removed, `FailedPrecondition` for one still being created. Compare
+    /// [`Pool::record_by_id`], which returns a record in any state.
     pub fn device(&self, name: &DeviceName) -> Result<DeviceRecord> {
         let rec = self
             .store
@@ -31,11 +35,6 @@ impl Pool {
             ))),
             DeviceState::Deleting => Err(Error::NotFound(format!("device {name:?}"))),
         }
-    }
-
-    /// The record with thin id `id`, in any state (e.g. to name a device's parent).
-    pub fn device_by_id(&self, id: ThinId) -> Result<DeviceRecord> {
-        self.record(id)
     }
 
     /// Every record, including the base device and records mid-operation, in id order.
@@ -64,7 +63,7 @@ impl Pool {
 
     /// Bytes mapped by the device with thin id `id`, of any kind (the base device too).
     pub fn usage_by_id(&self, id: ThinId) -> Result<Bytes> {
-        let rec = self.record(id)?;
+        let rec = self.record_by_id(id)?;
         let _guard = self.locks.lock(rec.id);
         self.backend.mapped_bytes(rec.id, rec.size)
     }
@@ -118,7 +117,7 @@ impl Pool {
         if let Some(b) = self.frozen_mapped.lock().unwrap().get(&id) {
             return Ok(*b);
         }
-        let rec = self.record(id)?;
+        let rec = self.record_by_id(id)?;
         let b = self.backend.mapped_bytes(rec.id, rec.size)?;
         self.frozen_mapped.lock().unwrap().insert(id, b);
         Ok(b)

@@ -87,7 +87,7 @@ impl Pool {
     pub(super) fn verify_base(&self) -> Result<()> {
         let base = self.base()?;
         let settings = self.settings();
-        let rec = self.record(base.id)?;
+        let rec = self.record_by_id(base.id)?;
         // Someone may hold the base active (mounted to look at it): read the live node
         // rather than fail the open on a deactivate (and leave lost+found to a later open).
         let (uuid, fixed) = match self.backend.active_devices()?.get(&base.id) {
