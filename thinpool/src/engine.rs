@@ -366,7 +366,7 @@ impl Pool {
     /// that a crash left: they hold the half-made device busy, and reconcile must roll it
     /// back.
     fn clear_scratch_mounts(&self) {
-        fsutil::clear_scratch(&self.paths.root.join("resize"));
+        crate::mount::clear_scratch(&self.paths.root.join("resize"));
     }
 
     /// Finishes a grow that a crash interrupted. A grow extends the pool file first (the
