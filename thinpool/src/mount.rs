@@ -335,7 +335,106 @@ fn unescape_mountinfo(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
+
+    /// A scratch mount under a shared mount with a peer is not copied into the peer, has
+    /// nosuid, nodev and noexec, and a busy one is still gone after `unmount` (lazily), with
+    /// its mount point (review #17, #32).
+    #[test]
+    fn scratch_mounts_are_private_restricted_and_never_left() {
+        use crate::loopback::{self, LoopOptions};
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("SKIP scratch_mounts_are_private_restricted_and_never_left: needs root");
+            return;
+        }
+        let base = std::env::var_os("THINPOOL_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let dir = base.join(format!("mount-scratch-{}", std::process::id()));
+        let shared = dir.join("shared");
+        let peer = dir.join("peer");
+        fs::create_dir_all(&shared).unwrap();
+        fs::create_dir_all(&peer).unwrap();
+        let dir = fs::canonicalize(&dir).unwrap();
+        let (shared, peer) = (dir.join("shared"), dir.join("peer"));
+        struct Cleanup(Vec<PathBuf>, Option<PathBuf>, PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                for m in self.0.iter().rev() {
+                    let _ = nix::mount::umount2(m, MntFlags::MNT_DETACH);
+                }
+                if let Some(dev) = &self.1 {
+                    let _ = loopback::detach(dev);
+                }
+                let _ = fs::remove_dir_all(&self.2);
+            }
+        }
+        let mut cleanup = Cleanup(Vec::new(), None, dir.clone());
+        bind_self(&shared).unwrap();
+        cleanup.0.push(shared.clone());
+        nix::mount::mount(
+            None::<&str>,
+            &shared,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .unwrap();
+        // A bind of a shared mount joins its peer group.
+        nix::mount::mount(
+            Some(&shared),
+            &peer,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        cleanup.0.push(peer.clone());
+
+        let image = dir.join("image");
+        loopback::create_sparse(&image, 64 << 20).unwrap();
+        let dev = loopback::attach(&image, LoopOptions::POOL_FILE).unwrap();
+        cleanup.1 = Some(dev.clone());
+        crate::fsutil::mkfs(FsType::Ext4, &dev, &[]).unwrap();
+
+        let at = shared.join("scratch");
+        let m = ScratchMount::new(&dev, &at, FsType::Ext4, false, None).unwrap();
+        let (major, minor) = loopback::dev_numbers(&dev).unwrap();
+        let lines: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(2) == Some(&format!("{major}:{minor}")))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(lines.len(), 1, "mounted once, not in the peer: {lines:#?}");
+        let opts: Vec<&str> = lines[0].split(' ').nth(5).unwrap().split(',').collect();
+        for o in ["nosuid", "nodev", "noexec", "rw"] {
+            assert!(opts.contains(&o), "{o} missing: {}", lines[0]);
+        }
+        assert_eq!(mount_point_of(major, minor).unwrap(), Some(at.clone()));
+
+        // Busy (an open file in it): the plain unmount fails, the lazy one does not.
+        let busy = File::create(at.join("open")).unwrap();
+        m.unmount().unwrap();
+        assert_eq!(mount_point_of(major, minor).unwrap(), None);
+        assert!(visible_mount(&at).unwrap().is_none());
+        assert!(!at.exists(), "mount point left");
+        drop(busy);
+
+        // Read-only, then read-write; dropped without unmount: taken down all the same.
+        let m = ScratchMount::new(&dev, &at, FsType::Ext4, true, None).unwrap();
+        assert!(
+            File::create(m.path().join("x")).is_err(),
+            "read-only mount took a file"
+        );
+        m.remount_rw().unwrap();
+        File::create(m.path().join("x")).unwrap();
+        drop(m);
+        assert_eq!(mount_point_of(major, minor).unwrap(), None);
+        assert!(!at.exists(), "mount point left");
+    }
 
     #[test]
     fn mountinfo_escapes() {
