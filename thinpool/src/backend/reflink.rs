@@ -447,8 +447,7 @@ impl Backend for ReflinkBackend {
     /// the XFS block size (4 KiB) as its logical sector size, so filesystems made on the
     /// base device use at least that: XFS allows direct I/O to a reflinked file only in
     /// whole blocks, and a loop device with smaller sectors silently falls back to
-    /// buffered I/O (cached twice). `size` is not used: the
-    /// file has the device's size.
+    /// buffered I/O (cached twice). `size` is not used: the file has the device's size.
     fn activate(&self, id: ThinId, _size: Bytes, read_only: bool) -> Result<PathBuf> {
         if let Some(dev) = self.attached(id) {
             return Ok(dev);
