@@ -172,7 +172,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = thinpool::fsutil::unmount(&self.mnt);
+        let _ = thinpool::mount::unmount(&self.mnt);
         if self.root.join("pool.redb").exists()
             && let Ok(p) = thinpool::Pool::open(&thinpool::PoolSpec {
                 root: self.root.clone(),
@@ -292,7 +292,7 @@ fn daemon_pool_down_and_back() {
         "a forced take-down keeps c1 working"
     );
     let d = Daemon::start(&root, &socket, &[]);
-    thinpool::fsutil::unmount(&mnt).unwrap();
+    thinpool::mount::unmount(&mnt).unwrap();
     ok(&d, &["pool", "down"]);
     let mut d = d;
     assert!(wait_exit(&mut d).success(), "{}", d.log_text());

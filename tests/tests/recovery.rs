@@ -92,7 +92,7 @@ struct ClearScratch(PathBuf);
 
 impl Drop for ClearScratch {
     fn drop(&mut self) {
-        thinpool::fsutil::clear_scratch(&self.0);
+        thinpool::mount::clear_scratch(&self.0);
     }
 }
 
@@ -512,9 +512,9 @@ fn open_reads_the_uuid_of_a_live_base() {
         fs_type: settings.fs,
         options: vec!["ro".into()],
     };
-    thinpool::fsutil::mount(&ro, &mnt).unwrap();
+    thinpool::mount::mount(&ro, &mnt).unwrap();
     let opened = Pool::open(&spec);
-    thinpool::fsutil::unmount(&mnt).unwrap();
+    thinpool::mount::unmount(&mnt).unwrap();
     tp.pool = Some(opened.expect("open with the base mounted"));
     tp.assert_audit_clean();
 }

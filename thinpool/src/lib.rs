@@ -18,6 +18,7 @@ pub mod ids;
 pub mod loopback;
 pub mod model;
 mod monitor;
+pub mod mount;
 pub mod store;
 pub mod timing;
 pub mod units;
