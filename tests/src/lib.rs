@@ -35,13 +35,14 @@ pub fn on_sim() -> bool {
     backend() == BackendKind::Sim
 }
 
-/// Prints one line to the real stderr (not captured by libtest, so it shows in every run)
-/// saying that the current test skips on the sim backend, and why.
-pub fn report_skip(why: &str) {
+/// Prints one line, `SKIP <test>: <what>`, to the real stderr (not captured by libtest, so
+/// it shows in every run): the current test, or a part of it (`what` says which), does not
+/// run here.
+pub fn report_skip(what: &str) {
     use std::io::Write as _;
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("?");
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: not on sim ({why})");
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {what}");
 }
 
 /// Returns from the current test on the sim backend, saying why in one line (see
@@ -51,7 +52,7 @@ pub fn report_skip(why: &str) {
 macro_rules! skip_on_sim {
     ($why:expr) => {
         if $crate::on_sim() {
-            $crate::report_skip($why);
+            $crate::report_skip(&format!("not on sim ({})", $why));
             return;
         }
     };

@@ -158,7 +158,9 @@ fn pool_files_are_private_to_root_and_tightened_at_open() {
     if !root_user {
         drop(tp);
         let _ = std::fs::remove_dir_all(&dir);
-        thinpool_tests::report_skip("the foreign-mount part mounts a tmpfs (needs root)");
+        thinpool_tests::report_skip(
+            "in part, unprivileged: the probe as another user and the foreign tmpfs mount need root",
+        );
         return;
     }
 
