@@ -142,6 +142,8 @@ pub enum BackendChoice {
     Auto,
     Dm,
     Reflink,
+    /// The simulated backend, for tests: no kernel objects, no real filesystems.
+    Sim,
 }
 
 /// The daemon's effective settings.
@@ -235,9 +237,10 @@ fn backend(s: &str) -> Result<BackendChoice, ConfigError> {
         "auto" => Ok(BackendChoice::Auto),
         "dm" => Ok(BackendChoice::Dm),
         "reflink" => Ok(BackendChoice::Reflink),
+        "sim" => Ok(BackendChoice::Sim),
         other => Err(ConfigError::Value {
             key: "backend",
-            message: format!("{other:?}: expected auto, dm or reflink"),
+            message: format!("{other:?}: expected auto, dm, reflink or sim"),
         }),
     }
 }

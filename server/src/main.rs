@@ -30,7 +30,8 @@ struct Args {
     /// Unix socket to serve on [default: /run/thinpool/thinpool.sock]
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Storage backend: auto picks dm where dm-thin works, reflink otherwise [default: auto]
+    /// Storage backend: auto picks dm where dm-thin works, reflink otherwise; sim is a test
+    /// backend (plain files, no root, devices are never mountable) [default: auto]
     #[arg(long)]
     backend: Option<String>,
     /// Data file size for a new pool (binary suffixes: 100G).
@@ -108,6 +109,7 @@ fn library_version(kind: BackendKind) -> String {
             Err(e) => format!("unknown ({e})"),
         },
         BackendKind::Reflink => String::new(),
+        BackendKind::Sim => "simulated (plain files; no kernel objects, no filesystems)".into(),
     }
 }
 
@@ -203,6 +205,10 @@ async fn main() -> Result<()> {
         }
         BackendChoice::Dm => BackendKind::Dm,
         BackendChoice::Reflink => BackendKind::Reflink,
+        BackendChoice::Sim => {
+            warn!("backend sim: a test backend; its devices hold no real filesystems");
+            BackendKind::Sim
+        }
     };
     let spec = PoolSpec {
         root: config.root.clone(),

@@ -356,7 +356,9 @@ impl Exporter {
             "thinpool_metadata_autoextend_max_bytes",
             "Metadata size autoextend stops at (0: no limit, autoextend off, or metadata that \
          cannot grow: reflink)",
-            if settings.autoextend_metadata.enabled() && st.backend == thinpool::BackendKind::Dm {
+            if settings.autoextend_metadata.enabled()
+                && st.backend != thinpool::BackendKind::Reflink
+            {
                 meta_max
             } else {
                 0

@@ -717,6 +717,7 @@ fn pool_name(backend: BackendKind, tag: &str) -> String {
     match backend {
         BackendKind::Dm => format!("thinpool-{tag}-pool"),
         BackendKind::Reflink => format!("thinpool-{tag}"),
+        BackendKind::Sim => format!("thinpool-{tag}-sim"),
     }
 }
 
@@ -826,7 +827,7 @@ impl Admin for Service {
                 autoextend_metadata_threshold_percent: settings.autoextend_metadata.threshold.0,
                 autoextend_metadata_percent: settings.autoextend_metadata.percent.0,
                 autoextend_metadata_max_bytes: settings.autoextend_metadata.max.map_or(0, |b| b.0),
-                metadata_can_grow: st.backend == thinpool::BackendKind::Dm,
+                metadata_can_grow: st.backend != thinpool::BackendKind::Reflink,
                 quarantined: quarantined_pb(&st.quarantined, &devices),
             }))
         }

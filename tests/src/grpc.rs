@@ -85,6 +85,10 @@ impl Harness {
 
     /// Mounts a Mount the server returned at `<root>/mnt-<tag>` (unmounted on drop).
     pub fn mount(&self, m: &thinpool_client::Mount, tag: &str) -> PathBuf {
+        assert!(
+            !crate::on_sim(),
+            "mount on the sim backend: its devices hold no filesystem; the test must skip_on_sim!"
+        );
         let dir = self.root.join(format!("mnt-{tag}"));
         std::fs::create_dir_all(&dir).expect("mount point");
         thinpool::mount::mount(&mount_spec(m), &dir)
@@ -96,6 +100,22 @@ impl Harness {
     pub fn unmount(&self, dir: &Path) {
         thinpool::mount::unmount(dir).expect("unmount");
         self.mounts.lock().unwrap().retain(|m| m != dir);
+    }
+
+    /// A [`crate::Target`] for the Mount the server returned: mounted, or on sim its node
+    /// held. Give it back with [`Harness::close_target`].
+    pub fn open_target(&self, m: &thinpool_client::Mount, tag: &str) -> crate::Target {
+        if crate::on_sim() {
+            crate::Target::held(PathBuf::from(&m.source))
+        } else {
+            crate::Target::Mounted(self.mount(m, tag))
+        }
+    }
+
+    pub fn close_target(&self, t: crate::Target) {
+        if let crate::Target::Mounted(dir) = &t {
+            self.unmount(dir);
+        }
     }
 }
 
@@ -150,23 +170,30 @@ impl Drop for Harness {
     }
 }
 
-/// A binary of this workspace (`thinpoold`, `thinctl`), next to the test executable
-/// (target/<profile>/). `cargo test --workspace` does not build other packages' binaries:
-/// build them first (`cargo build -p thinpool-server -p thinpool-client`; tests/run does).
+/// Where a binary of this workspace (`thinpoold`, `thinctl`) is: in `THINPOOL_BIN_DIR` if
+/// set (tests/sim/run copies the executables where an unprivileged user can run them), else
+/// next to the test executable (target/<profile>/). `None` if it is not there.
+pub fn find_bin(name: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("THINPOOL_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().ok()?;
+            exe.parent()?.parent()?.to_path_buf() // target/<profile>/deps/<test>
+        }
+    };
+    Some(dir.join(name)).filter(|p| p.is_file())
+}
+
+/// [`find_bin`], or a panic saying how to build it. `cargo test --workspace` does not build
+/// other packages' binaries: build them first (`cargo build -p thinpool-server -p
+/// thinpool-client`; tests/run does).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>/deps/<test>");
-    let p = dir.join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build it first with `cargo build -p thinpool-server -p thinpool-client` \
-         (same profile as the tests)",
-        p.display()
-    );
-    p
+    find_bin(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is missing: build it first with `cargo build -p thinpool-server -p \
+             thinpool-client` (same profile as the tests), or set THINPOOL_BIN_DIR"
+        )
+    })
 }
 
 /// A `thinpoold` child process on its own root and socket. On drop, unless stopped: taken
@@ -291,6 +318,33 @@ impl Daemon {
     pub fn thinctl(&self, args: &[&str]) -> (bool, String, String) {
         thinctl(&self.socket, args)
     }
+
+    /// `thinctl mount KEY DIR`, as a [`crate::Target`]; on sim, where nothing mounts, the
+    /// device's node (from `thinctl snapshot mounts KEY`), held.
+    pub fn mount_target(&self, key: &str, dir: &Path) -> crate::Target {
+        let run = |args: &[&str]| {
+            let (ok, out, err) = self.thinctl(args);
+            assert!(ok, "thinctl {args:?} failed: {err}\n{}", self.log_text());
+            out
+        };
+        if crate::on_sim() {
+            let out = run(&["snapshot", "mounts", key, "--json"]);
+            let m: serde_json::Value = serde_json::from_str(&out).expect("mounts JSON");
+            let node = m[0]["source"].as_str().expect("a mount source");
+            crate::Target::held(PathBuf::from(node))
+        } else {
+            run(&["mount", key, dir.to_str().expect("UTF-8 path")]);
+            crate::Target::Mounted(dir.to_path_buf())
+        }
+    }
+
+    /// `thinctl umount` of what [`Daemon::mount_target`] returned (on sim: lets go of it).
+    pub fn unmount_target(&self, t: crate::Target) {
+        if let crate::Target::Mounted(dir) = &t {
+            let (ok, _, err) = self.thinctl(&["umount", dir.to_str().expect("UTF-8 path")]);
+            assert!(ok, "thinctl umount failed: {err}");
+        }
+    }
 }
 
 /// Runs thinctl with `--socket`; returns (success, stdout, stderr).
@@ -326,10 +380,7 @@ impl Drop for Daemon {
             // Clean up as an operator would: `thinctl pool down --force` (the daemon takes
             // down what no one uses, then exits). A daemon that does not answer is killed.
             // No bin(): it panics, and a panic in a drop during a panic aborts.
-            let thinctl = std::env::current_exe()
-                .ok()
-                .and_then(|e| Some(e.parent()?.parent()?.join("thinctl")))
-                .filter(|p| p.is_file());
+            let thinctl = find_bin("thinctl");
             if let Some(thinctl) = thinctl
                 && matches!(c.try_wait(), Ok(None))
                 && let Ok(mut down) = Command::new(thinctl)

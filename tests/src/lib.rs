@@ -20,12 +20,67 @@ use thinpool::{
     BackendKind, Bytes, DeviceKind, DeviceName, MountSpec, Pool, PoolSpec, SnapshotRequest,
 };
 
-/// The backend under test: `THINPOOL_TEST_BACKEND=dm|reflink`, reflink by default.
+/// The backend under test: `THINPOOL_TEST_BACKEND=dm|reflink|sim`, reflink by default.
 pub fn backend() -> BackendKind {
     match std::env::var("THINPOOL_TEST_BACKEND").as_deref() {
         Ok("dm") => BackendKind::Dm,
         Ok("reflink") | Err(_) => BackendKind::Reflink,
-        Ok(other) => panic!("THINPOOL_TEST_BACKEND={other}: expected dm or reflink"),
+        Ok("sim") => BackendKind::Sim,
+        Ok(other) => panic!("THINPOOL_TEST_BACKEND={other}: expected dm, reflink or sim"),
+    }
+}
+
+/// Whether the suite runs on the simulated backend (no kernel objects, no filesystems).
+pub fn on_sim() -> bool {
+    backend() == BackendKind::Sim
+}
+
+/// Prints one line, `SKIP <test>: <what>`, to the real stderr (not captured by libtest, so
+/// it shows in every run): the current test, or a part of it (`what` says which), does not
+/// run here.
+pub fn report_skip(what: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {what}");
+}
+
+/// Returns from the current test on the sim backend, saying why in one line (see
+/// [`report_skip`]). For tests that mount devices, need loop devices, mkfs, containerd or
+/// real filesystem contents: sim devices are plain files.
+#[macro_export]
+macro_rules! skip_on_sim {
+    ($why:expr) => {
+        if $crate::on_sim() {
+            $crate::report_skip(&format!("not on sim ({})", $why));
+            return;
+        }
+    };
+}
+
+/// Holds `node` as a mount would on the sim backend: open (read-write), with a shared
+/// `flock` on the device file, which the sim backend treats as "in use" (deactivate and
+/// delete refuse it) until the returned file is dropped.
+pub fn hold_sim_node(node: &Path) -> File {
+    use std::os::fd::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(node)
+        .unwrap_or_else(|e| panic!("open {}: {e}", node.display()));
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) };
+    assert_eq!(rc, 0, "flock {}", node.display());
+    f
+}
+
+/// A file of the source tree, by its path from the workspace root: under
+/// `THINPOOL_SRC_DIR` if set (tests/sim/run copies what the tests read where an unprivileged
+/// user can read it), else in this checkout.
+pub fn source_path(rel: &str) -> PathBuf {
+    match std::env::var_os("THINPOOL_SRC_DIR") {
+        Some(d) => PathBuf::from(d).join(rel),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel),
     }
 }
 
@@ -129,6 +184,11 @@ impl TestPool {
     }
 
     pub fn mount_spec(&mut self, dev: &str, spec: &MountSpec) -> PathBuf {
+        assert!(
+            !on_sim(),
+            "mount of {dev} on the sim backend: its devices hold no filesystem; the test must \
+             skip_on_sim! or write to the node"
+        );
         let dir = self.root.join(format!("mnt-{}", dev.replace('/', "_")));
         fs::create_dir_all(&dir).expect("mount point");
         thinpool::mount::mount(spec, &dir).unwrap_or_else(|e| panic!("mount {dev}: {e}"));
@@ -139,6 +199,39 @@ impl TestPool {
     pub fn unmount(&mut self, dir: &Path) {
         thinpool::mount::unmount(dir).expect("unmount");
         self.mounts.retain(|m| m != dir);
+    }
+
+    /// Activates `dev` and makes it a [`Target`] for data: mounted, or on sim its node held
+    /// (which makes it busy as a mount does). Give it back with [`TestPool::close_target`].
+    pub fn open_target(&mut self, dev: &str) -> Target {
+        if on_sim() {
+            let node = self.pool().activate(&name(dev)).expect("activate").source;
+            Target::held(node)
+        } else {
+            Target::Mounted(self.mount(dev))
+        }
+    }
+
+    /// Unmounts (or lets go of) a target.
+    pub fn close_target(&mut self, t: Target) {
+        if let Target::Mounted(dir) = &t {
+            self.unmount(dir);
+        }
+    }
+
+    /// Writes `file` with `data` into `dev` (mounted for the moment; on sim, into its node).
+    pub fn put_file(&mut self, dev: &str, file: &str, data: &[u8]) {
+        let t = self.open_target(dev);
+        t.write(file, data);
+        self.close_target(t);
+    }
+
+    /// Reads `file` from `dev`, as [`TestPool::put_file`] wrote it.
+    pub fn get_file(&mut self, dev: &str, file: &str) -> Vec<u8> {
+        let t = self.open_target(dev);
+        let data = t.read(file);
+        self.close_target(t);
+        data
     }
 
     /// Unmounts everything and closes the pool; `teardown` also removes its kernel objects
@@ -302,9 +395,15 @@ pub fn kernel_leftovers(root: &Path, tag: &str) -> Vec<String> {
 }
 
 /// Loop devices whose backing file, and mounts whose mount point, lie under `dir`: what a
-/// test must not leave behind.
+/// test must not leave behind. On sim, also the runtime state (active devices) of a pool
+/// whose root is `dir`.
 pub fn kernel_leftovers_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir.join("sim/run")) {
+        for e in entries.flatten() {
+            out.push(format!("sim runtime entry {}", e.path().display()));
+        }
+    }
     for e in fs::read_dir("/sys/block").expect("/sys/block").flatten() {
         let dev = e.file_name().to_string_lossy().into_owned();
         if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file"))
@@ -320,4 +419,150 @@ pub fn kernel_leftovers_under(dir: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Where a test puts data into a device: a mounted filesystem, or on sim (where nothing
+/// mounts) the device's node, held open with a lock so that the device is busy as a mounted
+/// one is ([`hold_sim_node`]) and keeps working after a deferred deactivation, as a mount
+/// does; files there are records of [`sim_files`].
+pub enum Target {
+    Mounted(PathBuf),
+    Held { node: PathBuf, file: File },
+}
+
+impl Target {
+    /// Holds a sim device's node.
+    pub fn held(node: PathBuf) -> Target {
+        let file = hold_sim_node(&node);
+        Target::Held { node, file }
+    }
+
+    /// Writes `file` and syncs it.
+    pub fn write(&self, file: &str, data: &[u8]) {
+        match self {
+            Target::Mounted(dir) => write_file(&dir.join(file), data),
+            Target::Held { file: f, .. } => sim_files::put(f, file, data),
+        }
+    }
+
+    /// Reads `file`; panics if it is not there.
+    pub fn read(&self, file: &str) -> Vec<u8> {
+        match self {
+            Target::Mounted(dir) => read_file(&dir.join(file)),
+            Target::Held { node, file: f } => sim_files::get(f, file)
+                .unwrap_or_else(|| panic!("no file {file} in {}", node.display())),
+        }
+    }
+
+    pub fn exists(&self, file: &str) -> bool {
+        match self {
+            Target::Mounted(dir) => dir.join(file).exists(),
+            Target::Held { file: f, .. } => sim_files::get(f, file).is_some(),
+        }
+    }
+
+    /// [`fill`] into this target. On sim nothing fills up (the device files live on the
+    /// host's filesystem), so it stops at `limit`.
+    pub fn fill(&self, prefix: &str, limit: Bytes, deadline: std::time::Duration) -> Filled {
+        match self {
+            Target::Mounted(dir) => fill(dir, prefix, limit, deadline),
+            Target::Held { file: f, .. } => {
+                let mut files = Vec::new();
+                let mut n = 0u64;
+                while (n * FILL_FILE as u64) < limit.0 {
+                    let name = format!("{prefix}{n}");
+                    let data = pattern(n ^ prefix.len() as u64, FILL_FILE);
+                    sim_files::put(f, &name, &data);
+                    files.push((name, sha256_hex(&data)));
+                    n += 1;
+                }
+                Filled {
+                    files,
+                    error: None,
+                    failed_after: std::time::Duration::ZERO,
+                }
+            }
+        }
+    }
+
+    /// Asserts every file in `files` has its checksum.
+    pub fn verify(&self, files: &[(String, String)]) {
+        match self {
+            Target::Mounted(dir) => verify_files(dir, files),
+            Target::Held { node, file: f } => {
+                for (file, sum) in files {
+                    let data = sim_files::get(f, file)
+                        .unwrap_or_else(|| panic!("{file} missing in {}", node.display()));
+                    assert_eq!(&sha256_hex(&data), sum, "{file} in {}", node.display());
+                }
+            }
+        }
+    }
+}
+
+/// Files on a sim device, which has no filesystem: each write appends a record (a header
+/// naming the file, then its bytes) at the next 4 KiB boundary after the last record, as a
+/// filesystem puts new files in new blocks; a read scans the records, the last of a name
+/// wins. A snapshot (a copy of its origin's file) sees its origin's records.
+pub mod sim_files {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    const MAGIC: &[u8; 8] = b"SIMFILE1";
+    const HEADER: u64 = 8 + 4 + 8;
+
+    /// Each record: (offset of its data, its length, its name).
+    fn records(f: &File) -> (Vec<(u64, u64, String)>, u64) {
+        let len = f.metadata().expect("stat node").len();
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        while off + HEADER <= len {
+            let mut h = [0u8; HEADER as usize];
+            f.read_exact_at(&mut h, off).expect("read record header");
+            if &h[..8] != MAGIC {
+                break;
+            }
+            let name_len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as u64;
+            let data_len = u64::from_le_bytes(h[12..20].try_into().unwrap());
+            let mut name = vec![0u8; name_len as usize];
+            f.read_exact_at(&mut name, off + HEADER)
+                .expect("read record name");
+            let data_at = off + HEADER + name_len;
+            out.push((
+                data_at,
+                data_len,
+                String::from_utf8_lossy(&name).into_owned(),
+            ));
+            off = (data_at + data_len).next_multiple_of(4096);
+        }
+        (out, off)
+    }
+
+    /// Appends `name` with `data` to the device open as `f` (read-write), synced.
+    pub fn put(f: &File, name: &str, data: &[u8]) {
+        let (_, end) = records(f);
+        let mut rec = Vec::with_capacity(HEADER as usize + name.len() + data.len());
+        rec.extend_from_slice(MAGIC);
+        rec.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        rec.extend_from_slice(name.as_bytes());
+        rec.extend_from_slice(data);
+        let size = f.metadata().expect("stat node").len();
+        assert!(
+            end + rec.len() as u64 <= size,
+            "the device is full: {} bytes of files do not fit",
+            rec.len()
+        );
+        f.write_all_at(&rec, end).expect("write record");
+        f.sync_all().expect("fsync node");
+    }
+
+    /// The last record named `name` in the device open as `f`.
+    pub fn get(f: &File, name: &str) -> Option<Vec<u8>> {
+        let (recs, _) = records(f);
+        let (at, len, _) = recs.into_iter().rev().find(|(_, _, n)| n == name)?;
+        let mut data = vec![0u8; len as usize];
+        f.read_exact_at(&mut data, at).expect("read record");
+        Some(data)
+    }
 }

@@ -386,6 +386,7 @@ fn check_run_output(out: &str, big_sum: &str) {
 
 #[test]
 fn containerd_e2e() {
+    thinpool_tests::skip_on_sim!("containerd mounts the snapshots");
     let dir = pool_dir("containerd-e2e", false);
     let work = dir.join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -670,6 +671,7 @@ fn tar_file(tar: &Path, member: &str) -> String {
 /// keys documented for newer containerd (1.6.20 must ignore them).
 #[test]
 fn containerd_layer_export() {
+    thinpool_tests::skip_on_sim!("containerd mounts the snapshots");
     let dir = pool_dir("containerd-export", false);
     let mut thinpoold = Daemon::start(&dir.join("pool"), &dir.join("thinpool.sock"), &[]);
     let cdir = dir.join("containerd");

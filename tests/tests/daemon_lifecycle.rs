@@ -8,21 +8,23 @@
 //! The take-down path on dm is tested at engine level in suite.rs, in the VM.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use thinpool_tests::grpc::{Daemon, bin};
-use thinpool_tests::{kernel_leftovers, pattern, pool_dir, read_file, sha256_hex, write_file};
+use thinpool_tests::{Target, kernel_leftovers, pattern, pool_dir, sha256_hex};
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
-/// The pool's tag in its kernel name (dm: thinpool-<tag>-pool; reflink: thinpool-<tag>).
+/// The pool's tag in its kernel name (dm: thinpool-<tag>-pool; reflink: thinpool-<tag>;
+/// sim: thinpool-<tag>-sim).
 fn tag_of(pool_name: &str) -> String {
     let t = pool_name.strip_prefix("thinpool-").expect("pool name");
-    t.strip_suffix("-pool").unwrap_or(t).to_string()
+    let t = t.strip_suffix("-pool").unwrap_or(t);
+    t.strip_suffix("-sim").unwrap_or(t).to_string()
 }
 
 /// Waits for the daemon to exit by itself (after a take-down); returns its status.
@@ -56,7 +58,7 @@ fn ok(d: &Daemon, args: &[&str]) -> String {
 /// built here (installing into /usr/local/bin from a test would touch the host).
 #[test]
 fn systemd_unit_verifies() {
-    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/thinpoold.service");
+    let unit = thinpool_tests::source_path("deploy/systemd/thinpoold.service");
     let text = std::fs::read_to_string(&unit).unwrap();
     for want in [
         "Type=notify",
@@ -198,7 +200,7 @@ fn daemon_pool_down_and_back() {
         mnt: mnt.clone(),
         root: root.clone(),
     };
-    let m = mnt.to_str().unwrap();
+    let m = mnt.as_path();
     let mut d = Daemon::start(&root, &socket, &[]);
     let status = json(&ok(&d, &["pool", "status", "--json"]));
     let tag = tag_of(status["pool_name"].as_str().unwrap());
@@ -206,15 +208,15 @@ fn daemon_pool_down_and_back() {
     // layer1 (committed) <- c1 (active, mounted) and v1 (a view, active read-only).
     let bulk = pattern(11, 3 << 20);
     ok(&d, &["snapshot", "prepare", "k1"]);
-    ok(&d, &["mount", "k1", m]);
-    write_file(&mnt.join("bulk"), &bulk);
-    ok(&d, &["umount", m]);
+    let t = d.mount_target("k1", m);
+    t.write("bulk", &bulk);
+    d.unmount_target(t);
     ok(&d, &["snapshot", "commit", "layer1", "k1"]);
     ok(&d, &["snapshot", "prepare", "c1", "layer1"]);
     ok(&d, &["snapshot", "view", "v1", "layer1"]);
-    ok(&d, &["mount", "c1", m]);
+    let c1 = d.mount_target("c1", m);
     let own = pattern(12, 1 << 20);
-    write_file(&mnt.join("own"), &own);
+    c1.write("own", &own);
     let devices_before = json(&ok(&d, &["device", "ls", "--json"]));
     assert!(!kernel_leftovers(&root, &tag).is_empty(), "the pool is up");
 
@@ -234,15 +236,11 @@ fn daemon_pool_down_and_back() {
         devices_before,
         "changed"
     );
-    assert_eq!(
-        read_file(&mnt.join("own")),
-        own,
-        "the mounted device still works"
-    );
+    assert_eq!(c1.read("own"), own, "the mounted device still works");
     ok(&d, &["snapshot", "prepare", "c2", "layer1"]); // and the pool still serves
 
     // Idle: down, and the daemon exits cleanly.
-    ok(&d, &["umount", m]);
+    d.unmount_target(c1);
     let out = ok(&d, &["pool", "down", "--json"]);
     let r = json(&out);
     assert_eq!(r["pool_down"], true, "{out}");
@@ -268,31 +266,30 @@ fn daemon_pool_down_and_back() {
         .collect();
     names.sort();
     assert_eq!(names, ["c1", "c2", "layer1", "v1"]);
-    ok(&d, &["mount", "c1", m]);
-    assert_eq!(sha256_hex(&read_file(&mnt.join("own"))), sha256_hex(&own));
-    assert_eq!(sha256_hex(&read_file(&mnt.join("bulk"))), sha256_hex(&bulk));
-    ok(&d, &["umount", m]);
-    ok(&d, &["mount", "v1", m]);
-    assert_eq!(sha256_hex(&read_file(&mnt.join("bulk"))), sha256_hex(&bulk));
-    assert!(!mnt.join("own").exists(), "the view shows layer1, not c1");
-    ok(&d, &["umount", m]);
+    let c1 = d.mount_target("c1", m);
+    assert_eq!(sha256_hex(&c1.read("own")), sha256_hex(&own));
+    assert_eq!(sha256_hex(&c1.read("bulk")), sha256_hex(&bulk));
+    d.unmount_target(c1);
+    let v1 = d.mount_target("v1", m);
+    assert_eq!(sha256_hex(&v1.read("bulk")), sha256_hex(&bulk));
+    assert!(!v1.exists("own"), "the view shows layer1, not c1");
+    d.unmount_target(v1);
     assert_eq!(json(&ok(&d, &["pool", "audit", "--json"]))["clean"], true);
 
     // --force with c1 mounted: the daemon exits; c1 stays mounted and working, and so does
     // the pool under it (the state a plain stop leaves), which the next start opens.
-    ok(&d, &["mount", "c1", m]);
+    let c1 = d.mount_target("c1", m);
     let r = json(&ok(&d, &["pool", "down", "--force", "--json"]));
     assert_eq!(r["pool_down"], false, "{r}");
     assert_eq!(r["busy"].as_array().unwrap().len(), 1, "{r}");
     let st = wait_exit(&mut d);
     assert!(st.success(), "exit {st}:\n{}", d.log_text());
-    assert_eq!(
-        read_file(&mnt.join("own")),
-        own,
-        "a forced take-down keeps c1 working"
-    );
+    assert_eq!(c1.read("own"), own, "a forced take-down keeps c1 working");
     let d = Daemon::start(&root, &socket, &[]);
-    thinpool::mount::unmount(&mnt).unwrap();
+    match &c1 {
+        Target::Mounted(dir) => thinpool::mount::unmount(dir).unwrap(),
+        Target::Held { .. } => drop(c1),
+    }
     ok(&d, &["pool", "down"]);
     let mut d = d;
     assert!(wait_exit(&mut d).success(), "{}", d.log_text());

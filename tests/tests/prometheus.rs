@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use thinpool_tests::grpc::Daemon;
 use thinpool_tests::http::{self, free_port};
-use thinpool_tests::{pattern, pool_dir, write_file};
+use thinpool_tests::{pattern, pool_dir};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
@@ -127,9 +127,9 @@ fn prometheus_scrapes_thinpoold() {
     ok_(&["snapshot", "prepare", "k1"]);
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    ok_(&["mount", "k1", mnt.to_str().unwrap()]);
-    write_file(&mnt.join("bulk"), &pattern(7, 16 << 20));
-    ok_(&["umount", mnt.to_str().unwrap()]);
+    let t = d.mount_target("k1", &mnt);
+    t.write("bulk", &pattern(7, 16 << 20));
+    d.unmount_target(t);
     let after = status_json(&d)["data_used_bytes"].as_u64().unwrap();
     assert!(
         after >= before + (8 << 20),

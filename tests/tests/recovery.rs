@@ -74,6 +74,7 @@ fn live_node(root: &Path, id: ThinId) -> PathBuf {
                 .unwrap()
                 .expect("the device is attached")
         }
+        BackendKind::Sim => root.join("sim/run").join(id.to_string()),
     }
 }
 
@@ -131,6 +132,7 @@ fn add_record(root: &Path, rec: &DeviceRecord) {
 /// start removes that scratch mount, rolls the create back, and serves, with a clean audit.
 #[test]
 fn crash_during_xfs_grow_then_open_serves() {
+    skip_on_sim!("mkfs.xfs, and an XFS grow on a scratch mount");
     const TEST: &str = "crash_during_xfs_grow_then_open_serves";
     let bigger = |n: &str| SnapshotRequest {
         size: Some(Bytes::mib(768)),
@@ -257,7 +259,9 @@ fn open_quarantines_a_busy_half_created_device() {
         .find(|r| r.state == DeviceState::Creating)
         .expect("a half-done create")
         .id;
-    let holder = {
+    let holder = if on_sim() {
+        hold_sim_node(&live_node(&root, id))
+    } else {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
@@ -429,7 +433,7 @@ fn pending_removal_keeps_the_audit_clean() {
         .snapshot(request("m", None, DeviceKind::Active))
         .unwrap();
     let id = tp.pool().device(&name("m")).unwrap().id;
-    let d = tp.mount("m");
+    let d = tp.open_target("m");
     let deferred = RemoveOptions {
         discard: false,
         deferred: true,
@@ -439,7 +443,7 @@ fn pending_removal_keeps_the_audit_clean() {
     let report = tp.pool().audit().unwrap();
     assert_eq!(report.pending, vec![id], "{report:?}");
     assert!(report.is_clean(), "{report:?}");
-    tp.unmount(&d);
+    tp.close_target(d);
     assert_eq!(tp.pool().reclaim().unwrap(), 1);
     let report = tp.pool().audit().unwrap();
     assert!(report.pending.is_empty() && report.is_clean(), "{report:?}");
@@ -493,6 +497,7 @@ fn audit_is_a_consistent_cut_under_load() {
 /// from opening: its filesystem UUID is read from the live node (review #38).
 #[test]
 fn open_reads_the_uuid_of_a_live_base() {
+    skip_on_sim!("mounts the base device's filesystem");
     let mut tp = TestPool::small("live-base");
     let spec = small_spec(&tp.root);
     tp.close(false);
@@ -524,6 +529,7 @@ fn open_reads_the_uuid_of_a_live_base() {
 /// start releases it, and the audit works and is clean (review #4).
 #[test]
 fn dm_crash_inside_thin_ls_then_open_serves() {
+    skip_on_sim!("a dm-only test (thin_ls)");
     const TEST: &str = "dm_crash_inside_thin_ls_then_open_serves";
     if let Some(root) = child_root() {
         let pool = Pool::open(&small_spec(&root)).expect("child opens pool");
@@ -555,6 +561,7 @@ fn dm_crash_inside_thin_ls_then_open_serves() {
 /// retries once.
 #[test]
 fn dm_audit_releases_a_stray_metadata_snapshot() {
+    skip_on_sim!("a dm-only test (dm metadata snapshots)");
     let tp = TestPool::small("dm-stray-snap");
     let tag = tp.pool().settings().tag;
     let dm = devicemapper::DM::new().unwrap();

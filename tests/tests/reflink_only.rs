@@ -223,6 +223,7 @@ fn is_mountpoint(path: &Path) -> bool {
 
 #[test]
 fn pool_is_created_on_a_mounted_xfs() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let fx = Fixture::new();
     let st = fx.pool().status().unwrap();
     assert_eq!(st.backend, BackendKind::Reflink);
@@ -304,6 +305,7 @@ fn pool_is_created_on_a_mounted_xfs() {
 
 #[test]
 fn snapshot_chain_shows_each_layers_files() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("a", None, DeviceKind::Active);
     let (spec_a, m) = fx.mount("a");
@@ -362,6 +364,7 @@ fn snapshot_chain_shows_each_layers_files() {
 
 #[test]
 fn usage_grows_with_writes() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("c", None, DeviceKind::Active);
     let fresh = fx.pool().usage(&name("c")).unwrap();
@@ -409,6 +412,7 @@ fn usage_grows_with_writes() {
 
 #[test]
 fn deactivating_a_device_in_use_fails_and_leaves_it_attached() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("busy", None, DeviceKind::Active);
     let (spec, m) = fx.mount("busy");
@@ -456,6 +460,7 @@ fn deactivating_a_device_in_use_fails_and_leaves_it_attached() {
 
 #[test]
 fn teardown_and_reopen_bring_everything_back() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("keep", None, DeviceKind::Active);
     let (_, m) = fx.mount("keep");
@@ -520,6 +525,7 @@ fn teardown_and_reopen_bring_everything_back() {
 
 #[test]
 fn audit_sees_stray_device_files() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let fx = Fixture::new();
     let stray = fx.root().join("mnt/devices/4242");
     fs::write(&stray, "").unwrap();
@@ -536,6 +542,7 @@ fn audit_sees_stray_device_files() {
 /// own space again (the parent plus its snapshots stay well under 2x the parent).
 #[test]
 fn a_thousand_snapshots_share_their_parents_space() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     let empty = data_used(fx.pool());
     fx.snapshot("parent", None, DeviceKind::Active);
@@ -587,6 +594,7 @@ nix::ioctl_readwrite!(fitrim, b'X', 121, FstrimRange);
 /// file in the device's filesystem and trimming it gives the space back to the pool.
 #[test]
 fn discard_in_a_device_returns_space_to_the_pool() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("trim", None, DeviceKind::Active);
     let (_, m) = fx.mount("trim");
@@ -633,6 +641,7 @@ fn discard_in_a_device_returns_space_to_the_pool() {
 /// package. The child runs this same test with PATH pointing at an empty directory.
 #[test]
 fn missing_xfs_tools_name_the_package() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     const CHILD: &str = "THINPOOL_TEST_CHILD_ROOT";
     if let Some(root) = std::env::var_os(CHILD) {
         match Pool::open(&spec(Path::new(&root))) {
@@ -685,6 +694,7 @@ fn missing_xfs_tools_name_the_package() {
 
 #[test]
 fn remove_frees_the_file_and_space() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("gone", None, DeviceKind::Active);
     let (_, m) = fx.mount("gone");
@@ -744,6 +754,7 @@ fn remove_frees_the_file_and_space() {
 /// parent (the engine grows the filesystem on the larger file).
 #[test]
 fn xfs_base_and_a_larger_snapshot() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let dir = tempfile::Builder::new()
         .prefix("reflink-")
         .tempdir_in(test_dir())
@@ -791,6 +802,7 @@ fn xfs_base_and_a_larger_snapshot() {
 /// teardown and reopen replays its log, and every change the backend acknowledged survives.
 #[test]
 fn a_shut_down_xfs_is_reported_and_recovers() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     fx.snapshot("before", None, DeviceKind::Active);
     let (_, m) = fx.mount("before");
@@ -837,6 +849,7 @@ fn a_shut_down_xfs_is_reported_and_recovers() {
 /// the engine's records is accepted at the next open.
 #[test]
 fn backend_calls_are_idempotent() {
+    thinpool_tests::skip_on_sim!("tests the reflink backend itself: loop devices, XFS, mounts");
     let mut fx = Fixture::new();
     let settings = fx.pool().settings();
     let base_id = fx.pool().devices().unwrap()[0].id;

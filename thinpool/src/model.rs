@@ -19,6 +19,9 @@ pub enum BackendKind {
     Dm,
     /// Reflinked sparse files in an XFS on a loop device (for hosts without dm-thin).
     Reflink,
+    /// Simulated, for tests: plain sparse files, no kernel objects and no filesystems
+    /// (`backend::sim`). Never picked by `auto`.
+    Sim,
 }
 
 impl fmt::Display for BackendKind {
@@ -26,6 +29,7 @@ impl fmt::Display for BackendKind {
         f.write_str(match self {
             BackendKind::Dm => "dm",
             BackendKind::Reflink => "reflink",
+            BackendKind::Sim => "sim",
         })
     }
 }
@@ -36,8 +40,9 @@ impl FromStr for BackendKind {
         match s {
             "dm" => Ok(BackendKind::Dm),
             "reflink" => Ok(BackendKind::Reflink),
+            "sim" => Ok(BackendKind::Sim),
             _ => Err(Error::InvalidArgument(format!(
-                "backend {s:?}: expected dm or reflink"
+                "backend {s:?}: expected dm, reflink or sim"
             ))),
         }
     }

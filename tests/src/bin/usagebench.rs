@@ -196,6 +196,10 @@ fn main() {
     let n = env("THINPOOL_BENCH_SNAPSHOTS", 1000);
     let passes = env("THINPOOL_BENCH_PASSES", 3);
     let backend = thinpool_tests::backend();
+    if backend == BackendKind::Sim {
+        eprintln!("usagebench measures the kernel's figures: run it on dm or reflink, not sim");
+        std::process::exit(2);
+    }
     let dir = thinpool_tests::base_dir().join("usagebench");
     // A run that was killed left its pool set up: take it down first.
     drop(Teardown(dir.clone()));
@@ -384,7 +388,7 @@ fn main() {
                 old_ms,
             ));
         }
-        BackendKind::Reflink => {
+        BackendKind::Reflink | BackendKind::Sim => {
             rows.push(row("baseline: raw FIEMAP pass (unshared extents)", raw_ms));
             raw_p50 = rows[2].p50;
         }

@@ -17,6 +17,7 @@ use crate::units::{Bytes, DataBlocks};
 
 pub mod dm;
 pub mod reflink;
+pub mod sim;
 
 /// A pool's storage: thin devices with copy-on-write snapshots.
 ///
@@ -29,6 +30,13 @@ pub mod reflink;
 /// device and `deactivate` of an inactive one all succeed.
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
+
+    /// Whether the devices hold real filesystems: the engine formats the base device and
+    /// runs filesystem steps (UUID checks, grows, journal replays) only then. False on the
+    /// simulated backend, whose devices are plain files nothing mounts.
+    fn holds_filesystems(&self) -> bool {
+        true
+    }
 
     /// Space, mode and transaction id of the pool.
     fn status(&self) -> Result<BackendStatus>;
@@ -176,6 +184,7 @@ pub fn create(paths: &PoolPaths, settings: &PoolSettings) -> Result<Box<dyn Back
     match settings.backend {
         BackendKind::Dm => Ok(Box::new(dm::DmBackend::create(paths, settings)?)),
         BackendKind::Reflink => Ok(Box::new(reflink::ReflinkBackend::create(paths, settings)?)),
+        BackendKind::Sim => Ok(Box::new(sim::SimBackend::create(paths, settings)?)),
     }
 }
 
@@ -185,10 +194,12 @@ pub fn open(paths: &PoolPaths, settings: &PoolSettings) -> Result<Box<dyn Backen
     match settings.backend {
         BackendKind::Dm => Ok(Box::new(dm::DmBackend::open(paths, settings)?)),
         BackendKind::Reflink => Ok(Box::new(reflink::ReflinkBackend::open(paths, settings)?)),
+        BackendKind::Sim => Ok(Box::new(sim::SimBackend::open(paths, settings)?)),
     }
 }
 
-/// Which backend `--backend auto` would pick on this host, and why.
+/// Which backend `--backend auto` would pick on this host, and why. Never the simulated
+/// backend, which holds no real filesystems.
 pub fn detect() -> (BackendKind, String) {
     match dm::DmBackend::probe() {
         Ok(version) => (
@@ -208,5 +219,6 @@ pub fn scrub(paths: &PoolPaths, settings: &PoolSettings) -> Result<()> {
     match settings.backend {
         BackendKind::Dm => dm::DmBackend::scrub(paths, settings),
         BackendKind::Reflink => reflink::ReflinkBackend::scrub(paths, settings),
+        BackendKind::Sim => sim::SimBackend::scrub(paths, settings),
     }
 }

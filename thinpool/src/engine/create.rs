@@ -190,7 +190,7 @@ impl Pool {
     /// is `Creating`, so a crash rolls this back) and is inactive; it is left inactive.
     fn replay_view_journal(&self, id: ThinId, size: Bytes) -> Result<()> {
         let fs = self.settings().fs;
-        if fs != FsType::Ext4 {
+        if fs != FsType::Ext4 || !self.backend.holds_filesystems() {
             return Ok(());
         }
         let _guard = self.locks.lock(id);
@@ -214,6 +214,9 @@ impl Pool {
     }
 
     fn grow_filesystem(&self, id: ThinId, size: Bytes) -> Result<()> {
+        if !self.backend.holds_filesystems() {
+            return Ok(());
+        }
         let fs = self.settings().fs;
         let _guard = self.locks.lock(id);
         let dev = self.backend.activate(id, size, false)?;

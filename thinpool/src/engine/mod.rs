@@ -203,15 +203,20 @@ impl Pool {
         let pool = Pool::new(paths, settings.clone(), store, backend, lock)?;
         let base_id = pool.store.write(|w| w.allocate_id())?;
         let txn = pool.backend.create_thin(base_id, settings.base_size)?;
-        let dev = pool.backend.activate(base_id, settings.base_size, false)?;
-        // No lost+found in the base, so none in any snapshot: containerd's snapshots start
-        // empty. Still inside creation: a crash here makes the pool again from scratch.
-        let scratch = pool.scratch_dir(base_id);
-        let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
-            .and_then(|()| fsutil::remove_lost_found(settings.fs, &dev, &scratch))
-            .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
-        pool.backend.deactivate(base_id)?;
-        let fs_uuid = formatted?;
+        // A backend without filesystems (sim) has nothing to format; "none" stands for the UUID.
+        let fs_uuid = if pool.backend.holds_filesystems() {
+            let dev = pool.backend.activate(base_id, settings.base_size, false)?;
+            // No lost+found in the base, so none in any snapshot: containerd's snapshots start
+            // empty. Still inside creation: a crash here makes the pool again from scratch.
+            let scratch = pool.scratch_dir(base_id);
+            let formatted = fsutil::mkfs(settings.fs, &dev, &settings.mkfs_options)
+                .and_then(|()| fsutil::remove_lost_found(settings.fs, &dev, &scratch))
+                .and_then(|()| fsutil::fs_uuid(settings.fs, &dev));
+            pool.backend.deactivate(base_id)?;
+            formatted?
+        } else {
+            "none".to_string()
+        };
         // The new files' directory entries, before the store says the pool is ready.
         sync_dir(&pool.paths.root)?;
         failpoint::hit("pool_create:after_mkfs");

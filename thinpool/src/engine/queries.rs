@@ -97,7 +97,7 @@ impl Pool {
             return self.backend.mapped_bytes(rec.id, rec.size);
         };
         match self.backend.kind() {
-            BackendKind::Dm => {
+            BackendKind::Dm | BackendKind::Sim => {
                 let mine = self.backend.mapped_bytes(rec.id, rec.size)?;
                 Ok(Bytes(mine.0.saturating_sub(self.frozen_mapped(parent)?.0)))
             }

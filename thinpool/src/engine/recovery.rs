@@ -21,7 +21,7 @@ impl Pool {
     /// that a crash left: they hold the half-made device busy, and reconcile must roll it
     /// back.
     pub(super) fn clear_scratch_mounts(&self) {
-        fsutil::clear_scratch(&self.paths.root.join("resize"));
+        crate::mount::clear_scratch(&self.paths.root.join("resize"));
     }
 
     /// Finishes a grow that a crash interrupted. A grow extends the pool file first (the
@@ -88,6 +88,9 @@ impl Pool {
         let base = self.base()?;
         let settings = self.settings();
         let rec = self.record_by_id(base.id)?;
+        if !self.backend.holds_filesystems() {
+            return Ok(());
+        }
         // Someone may hold the base active (mounted to look at it): read the live node
         // rather than fail the open on a deactivate (and leave lost+found to a later open).
         let (uuid, fixed) = match self.backend.active_devices()?.get(&base.id) {
