@@ -20,7 +20,7 @@ use thinpool_proto::admin::admin_server::AdminServer;
 use thinpool_proto::snapshots::snapshots_server::SnapshotsServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use service::{DEFAULT_MAX_DEVICE_OVERCOMMIT, MAX_SIZE_LABEL, SIZE_LABEL, Service, StaticInfo};
 
@@ -29,6 +29,10 @@ pub const MONITOR_PERIOD: std::time::Duration = std::time::Duration::from_secs(1
 
 /// containerd's proxy client allows 16 MiB messages; so do we.
 pub const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// How long a stopping daemon waits for clients to finish and close their connections
+/// before it closes them (systemd's stop timeout is 90 s).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -188,24 +192,49 @@ async fn run(
     let mut builder = tonic::transport::Server::builder()
         .trace_fn(|req| tracing::debug_span!("rpc", path = %req.uri().path()));
     let incoming = UnixListenerStream::new(listener);
+    // A graceful stop waits for every connection to close, which a client that holds one
+    // and never reads (stopped, hung) would make last for ever: after SHUTDOWN_GRACE the
+    // connections are dropped. Engine work in flight runs on blocking threads, which the
+    // runtime lets finish.
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = fired_tx.send(());
+    };
+    let grace = async move {
+        if fired_rx.await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "clients kept connections open past the shutdown grace period; closing them"
+        );
+    };
     // Two arms because the layer changes the server's type; the uncounted one lets the
     // metrics benchmark measure what counting costs.
-    let result = match grpc {
-        Some(grpc) => {
-            builder
-                .layer(grpc_metrics::GrpcMetricsLayer::new(grpc))
-                .add_service(snapshots)
-                .add_service(admin)
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
+    let serve = async move {
+        match grpc {
+            Some(grpc) => {
+                builder
+                    .layer(grpc_metrics::GrpcMetricsLayer::new(grpc))
+                    .add_service(snapshots)
+                    .add_service(admin)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                builder
+                    .add_service(snapshots)
+                    .add_service(admin)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
         }
-        None => {
-            builder
-                .add_service(snapshots)
-                .add_service(admin)
-                .serve_with_incoming_shutdown(incoming, shutdown)
-                .await
-        }
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        () = grace => Ok(()),
     };
     let _ = stop_tx.send(true);
     let _ = reclaimer.await;

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub mod grpc;
 pub mod http;
 pub mod iobench;
+pub mod live;
+pub mod model;
 
 use sha2::{Digest, Sha256};
 use thinpool::{

@@ -52,12 +52,7 @@ impl Pool {
         let _cut = self.audit_gate.read();
         // 1. Intent: the record, in Creating.
         let rec = self.store.write(|w| {
-            if w.device_by_name(&req.name)?.is_some() {
-                return Err(Error::AlreadyExists(format!(
-                    "device {:?}",
-                    req.name.as_str()
-                )));
-            }
+            // In containerd's order (storage's CreateSnapshot): the parent, then the key.
             let origin = match &req.parent {
                 None => w.device(base.id)?.ok_or_else(|| {
                     Error::Inconsistent("the base device record is missing".into())
@@ -81,6 +76,12 @@ impl Pool {
                     None => return Err(Error::NotFound(format!("parent {p:?}"))),
                 },
             };
+            if w.device_by_name(&req.name)?.is_some() {
+                return Err(Error::AlreadyExists(format!(
+                    "device {:?}",
+                    req.name.as_str()
+                )));
+            }
             let size = req.size.unwrap_or(origin.size);
             if size < origin.size {
                 return Err(Error::InvalidArgument(format!(
