@@ -1006,9 +1006,10 @@ fn model_based_random_requests_with_crashes() {
         }
     );
     // THINPOOL_MODEL_CASE=N runs case N of the seed's run alone (to replay a failure).
-    let only = std::env::var("THINPOOL_MODEL_CASE")
-        .ok()
-        .map(|c| c.parse::<u64>().expect("THINPOOL_MODEL_CASE: a case number"));
+    let only = std::env::var("THINPOOL_MODEL_CASE").ok().map(|c| {
+        c.parse::<u64>()
+            .expect("THINPOOL_MODEL_CASE: a case number")
+    });
     let next_case = AtomicU64::new(only.unwrap_or(0));
     let done = || match (only, soak) {
         (Some(c), _) => next_case.load(Ordering::Relaxed) > c,
