@@ -191,13 +191,13 @@ impl TestPool {
         );
         let dir = self.root.join(format!("mnt-{}", dev.replace('/', "_")));
         fs::create_dir_all(&dir).expect("mount point");
-        thinpool::fsutil::mount(spec, &dir).unwrap_or_else(|e| panic!("mount {dev}: {e}"));
+        thinpool::mount::mount(spec, &dir).unwrap_or_else(|e| panic!("mount {dev}: {e}"));
         self.mounts.push(dir.clone());
         dir
     }
 
     pub fn unmount(&mut self, dir: &Path) {
-        thinpool::fsutil::unmount(dir).expect("unmount");
+        thinpool::mount::unmount(dir).expect("unmount");
         self.mounts.retain(|m| m != dir);
     }
 
@@ -238,7 +238,7 @@ impl TestPool {
     /// (as a reboot would).
     pub fn close(&mut self, teardown: bool) {
         for m in self.mounts.drain(..).rev() {
-            let _ = thinpool::fsutil::unmount(&m);
+            let _ = thinpool::mount::unmount(&m);
         }
         if let Some(p) = self.pool.take() {
             p.close(teardown).expect("close pool");

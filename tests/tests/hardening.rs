@@ -238,7 +238,7 @@ fn list_filters_are_bounded_and_off_the_workers() {
             for l in 0..15 {
                 req.labels.insert(format!("l{l}"), big.clone());
             }
-            pool.snapshot(req).await.unwrap();
+            pool.run(move |p| p.snapshot(req)).await.unwrap();
         }
     });
     let socket = h.socket.clone();

@@ -137,6 +137,40 @@ fn layer_chain_container_and_view() {
     tp.assert_audit_clean();
 }
 
+/// Only committed snapshots are parents, enforced by the engine itself and not only at the
+/// gRPC edge (review D4): an active or view parent is InvalidArgument, as containerd's
+/// storage answers, and nothing is created.
+#[test]
+fn snapshot_refuses_a_parent_that_is_not_committed() {
+    let tp = TestPool::small("parent-rule");
+    tp.pool()
+        .snapshot(request("act", None, DeviceKind::Active))
+        .expect("active snapshot of the base");
+    tp.pool()
+        .snapshot(request("vw", None, DeviceKind::View))
+        .expect("view of the base");
+    for parent in ["act", "vw"] {
+        for kind in [DeviceKind::Active, DeviceKind::View] {
+            let e = tp
+                .pool()
+                .snapshot(request("child", Some(parent), kind))
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument(_)),
+                "{parent} {kind}: {e}"
+            );
+            assert!(e.to_string().contains("not a committed snapshot"), "{e}");
+            assert!(
+                matches!(tp.pool().device(&name("child")), Err(Error::NotFound(_))),
+                "a refused snapshot leaves no device"
+            );
+        }
+    }
+    let devices = tp.pool().devices().expect("devices");
+    assert_eq!(devices.len(), 3, "base, act and vw only: {devices:?}");
+    tp.assert_audit_clean();
+}
+
 #[test]
 fn remove_refuses_parents_and_frees_leaves() {
     let mut tp = TestPool::small("remove");
