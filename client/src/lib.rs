@@ -18,6 +18,11 @@ use thinpool_proto::snapshots::{self as pb, snapshots_client::SnapshotsClient};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
+pub mod mount;
+mod units;
+
+pub use units::Bytes;
+
 pub use thinpool_proto::admin::{
     AuditResponse, Device, GrowPoolResponse, PoolStatusResponse, TakeDownResponse,
 };

@@ -130,7 +130,7 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener, Soc
 /// while a device is still mounted or open; the rest is still taken down where it can be.
 pub async fn take_down(pool: &thinpool::AsyncPool) -> Result<(), thinpool::Error> {
     info!("tearing the pool down");
-    pool.teardown().await?;
+    pool.run(|p| p.teardown()).await?;
     info!("pool torn down");
     Ok(())
 }

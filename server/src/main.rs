@@ -247,7 +247,7 @@ async fn main() -> Result<()> {
             return Err(e);
         }
     };
-    let status = pool.status().await?;
+    let status = pool.run(|p| p.status()).await?;
     info!(
         backend = %status.backend,
         data_used = %status.kernel.data_used,

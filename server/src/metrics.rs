@@ -60,15 +60,6 @@ fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
     reg.register(name, help, c);
 }
 
-fn kind_name(k: DeviceKind) -> &'static str {
-    match k {
-        DeviceKind::Base => "base",
-        DeviceKind::Committed => "committed",
-        DeviceKind::Active => "active",
-        DeviceKind::View => "view",
-    }
-}
-
 /// The engine's latency histograms, encoded straight from their bucket counts (the engine
 /// keeps them as atomics; see `thinpool::timing`).
 #[derive(Debug)]
@@ -175,7 +166,7 @@ impl Exporter {
     pub async fn health(&self) -> Result<String, String> {
         let st = self
             .pool
-            .status()
+            .run(|p| p.status())
             .await
             .map_err(|e| format!("pool status: {e}"))?;
         let k = &st.kernel;
@@ -193,33 +184,34 @@ impl Exporter {
 
     /// The metrics text (OpenMetrics text format, which Prometheus scrapes).
     pub async fn render(&self) -> Result<String, String> {
-        let engine = self.pool.engine().clone();
         let per_device = self.per_device;
-        let snap = tokio::task::spawn_blocking(move || -> Result<Snapshot, String> {
-            let status = engine.status().map_err(|e| e.to_string())?;
-            let devices = engine.devices().map_err(|e| e.to_string())?;
-            // Per-device figures are best effort: without them the scrape still reports
-            // the pool (a failure is logged, and the series are absent this time).
-            let mapped = if per_device {
-                engine
-                    .mapped_bytes_all()
-                    .map_err(|e| warn!(error = %e, "metrics: per-device mapped bytes"))
+        let snap = self
+            .pool
+            .run(move |engine| {
+                let status = engine.status()?;
+                let devices = engine.devices()?;
+                // Per-device figures are best effort: without them the scrape still reports
+                // the pool (a failure is logged, and the series are absent this time).
+                let mapped = if per_device {
+                    engine
+                        .mapped_bytes_all()
+                        .map_err(|e| warn!(error = %e, "metrics: per-device mapped bytes"))
+                        .ok()
+                } else {
+                    None
+                };
+                let host_free = nix::sys::statvfs::statvfs(&engine.paths().root)
                     .ok()
-            } else {
-                None
-            };
-            let host_free = nix::sys::statvfs::statvfs(&engine.paths().root)
-                .ok()
-                .map(|fs| fs.blocks_available() * fs.fragment_size());
-            Ok(Snapshot {
-                status,
-                devices,
-                mapped,
-                host_free,
+                    .map(|fs| fs.blocks_available() * fs.fragment_size());
+                Ok(Snapshot {
+                    status,
+                    devices,
+                    mapped,
+                    host_free,
+                })
             })
-        })
-        .await
-        .map_err(|e| format!("metrics task failed: {e}"))??;
+            .await
+            .map_err(|e| e.to_string())?;
         self.encode(snap)
     }
 
@@ -317,10 +309,9 @@ impl Exporter {
             "The pool's metadata transaction id",
             k.transaction_id,
         );
-        let mut by_kind: BTreeMap<&str, i64> =
-            [("base", 0), ("committed", 0), ("active", 0), ("view", 0)].into();
+        let mut by_kind: BTreeMap<&str, i64> = DeviceKind::ALL.map(|k| (k.as_str(), 0)).into();
         for d in &devices {
-            *by_kind.entry(kind_name(d.kind)).or_default() += 1;
+            *by_kind.entry(d.kind.as_str()).or_default() += 1;
         }
         let fam = Family::<Vec<(String, String)>, Gauge<i64>>::default();
         for (kind, n) in by_kind {
@@ -328,7 +319,7 @@ impl Exporter {
                 .set(n);
         }
         reg.register("thinpool_devices", "Thin devices by kind", fam);
-        let c = pool.counters();
+        let c = pool.engine().counters();
         counter(
             &mut reg,
             "thinpool_grows",
@@ -391,7 +382,7 @@ impl Exporter {
                 DeviceBytes(
                     mapped
                         .into_iter()
-                        .map(|(r, b)| (r.id.to_string(), kind_name(r.kind), b.0))
+                        .map(|(r, b)| (r.id.to_string(), r.kind.as_str(), b.0))
                         .collect(),
                 ),
             );

@@ -1,4 +1,8 @@
 //! The two gRPC services over one [`AsyncPool`]: containerd's Snapshots and our Admin.
+//!
+//! Every engine call goes through [`AsyncPool::run`], one hop to the blocking pool per
+//! request (`Service::blocking` is the same for closures that answer with a `Status`);
+//! `AsyncPool::engine` is used only for calls that do not block (settings, paths).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -94,15 +98,6 @@ fn timestamp(ns: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: (ns / 1_000_000_000) as i64,
         nanos: (ns % 1_000_000_000) as i32,
-    }
-}
-
-fn kind_str(k: DeviceKind) -> &'static str {
-    match k {
-        DeviceKind::Active => "active",
-        DeviceKind::View => "view",
-        DeviceKind::Committed => "committed",
-        DeviceKind::Base => "base",
     }
 }
 
@@ -209,7 +204,7 @@ impl Service {
     /// Finishes every deferred removal; returns how many devices were freed.
     pub async fn reclaim(&self) -> Result<usize, Error> {
         let _g = self.inner.reclaim_lock.lock().await;
-        self.inner.pool.reclaim().await
+        self.inner.pool.run(|p| p.reclaim()).await
     }
 
     /// The background reclaimer: runs after Removes (coalesced) and every minute, until
@@ -253,16 +248,17 @@ impl Service {
         Ok(size)
     }
 
-    /// Runs `f` with the engine on tokio's blocking pool: one hop per request, however
-    /// many engine calls it makes.
+    /// [`AsyncPool::run`] for closures that answer with a gRPC status: one hop per
+    /// request, however many engine calls it makes.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Pool) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let engine = self.inner.pool.engine().clone();
-        tokio::task::spawn_blocking(move || f(&engine))
+        self.inner
+            .pool
+            .run(move |p| Ok(f(p)))
             .await
-            .map_err(|e| Status::internal(format!("engine task failed: {e}")))?
+            .map_err(status)?
     }
 
     async fn create(
@@ -370,7 +366,7 @@ fn parent_name(engine: &Pool, parent: Option<ThinId>) -> Result<String, Status> 
     let Some(id) = parent else {
         return Ok(String::new());
     };
-    let rec = engine.device_by_id(id).map_err(status)?;
+    let rec = engine.record_by_id(id).map_err(status)?;
     Ok(match (rec.kind, rec.name) {
         (DeviceKind::Base, _) | (_, None) => String::new(),
         (_, Some(n)) => n.to_string(),
@@ -382,17 +378,17 @@ type ListStream = Pin<Box<dyn Stream<Item = Result<pb::ListSnapshotsResponse, St
 /// Streams the visible snapshots that match `filters`, one message per page of the store.
 /// Stops when the client goes away (the channel closes).
 async fn produce_list(
-    engine: Arc<Pool>,
+    pool: AsyncPool,
     filters: Filters,
     tx: tokio::sync::mpsc::Sender<Result<pb::ListSnapshotsResponse, Status>>,
 ) {
     let filters = Arc::new(filters);
     let mut after = None;
     loop {
-        let (e, f) = (engine.clone(), filters.clone());
-        let page = match tokio::task::spawn_blocking(move || list_page(&e, &f, after)).await {
+        let f = filters.clone();
+        let page = match pool.run(move |p| Ok(list_page(p, &f, after))).await {
             Ok(page) => page,
-            Err(e) => Err(Status::internal(format!("list task failed: {e}"))),
+            Err(e) => Err(status(e)),
         };
         let (infos, last) = match page {
             Ok(p) => p,
@@ -440,7 +436,7 @@ fn list_page(
                 None => {
                     // A parent on another page; the base device has no name.
                     let n = engine
-                        .device_by_id(p)
+                        .record_by_id(p)
                         .ok()
                         .filter(|r| r.kind != DeviceKind::Base)
                         .and_then(|r| r.name.map(|n| n.to_string()))
@@ -454,7 +450,7 @@ fn list_page(
         let keep = filters.matches(&Fields {
             name: &i.name,
             parent: &i.parent,
-            kind: kind_str(rec.kind),
+            kind: rec.kind.as_str(),
             labels: &i.labels,
         });
         if keep {
@@ -553,7 +549,7 @@ impl Snapshots for Service {
                 deferred: true,
                 ..Default::default()
             };
-            match self.inner.pool.remove(key, opts).await {
+            match self.inner.pool.run(move |p| p.remove(&key, opts)).await {
                 Ok(()) => {
                     self.inner.reclaim_wake.notify_one();
                     Ok(Response::new(()))
@@ -669,7 +665,7 @@ impl Snapshots for Service {
             // time, into a one-message channel: a client that does not read holds a page or
             // two, not the listing, and a costly filter delays only its own List.
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tokio::spawn(produce_list(self.inner.pool.engine().clone(), filters, tx));
+            tokio::spawn(produce_list(self.inner.pool.clone(), filters, tx));
             debug!(rpc = "List", filters = r.filters.len());
             let stream: ListStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
             Ok(Response::new(stream))
@@ -782,11 +778,13 @@ impl Admin for Service {
         let t = Instant::now();
         let res = async {
             let pool = &self.inner.pool;
-            let st = pool.status().await.map_err(status)?;
+            let (st, devices) = pool
+                .run(|p| Ok((p.status()?, p.devices()?)))
+                .await
+                .map_err(status)?;
             let settings = pool.engine().settings();
             let root = pool.engine().paths().root.clone();
             let (free, total) = host_fs_space(&root)?;
-            let devices = pool.devices().await.map_err(status)?;
             let deferred = devices
                 .iter()
                 .filter(|r| r.state == DeviceState::Deleting)
@@ -842,50 +840,51 @@ impl Admin for Service {
         _req: Request<admin::ListDevicesRequest>,
     ) -> Result<Response<admin::ListDevicesResponse>, Status> {
         let t = Instant::now();
-        let engine = self.inner.pool.engine().clone();
-        let res = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let records = engine.devices()?;
-            let active = engine.active_devices()?;
-            // One backend call for every device (dm: one thin_ls), activating none.
-            let mapped_all: HashMap<ThinId, u64> = match engine.mapped_bytes_all() {
-                Ok(all) => all.into_iter().map(|(r, b)| (r.id, b.0)).collect(),
-                Err(e) => {
-                    warn!(error = %e, "ListDevices: no mapped bytes");
-                    HashMap::new()
+        let pool = &self.inner.pool;
+        let res = pool
+            .run(move |engine| {
+                let records = engine.devices()?;
+                let active = engine.active_devices()?;
+                // One backend call for every device (dm: one thin_ls), activating none.
+                let mapped_all: HashMap<ThinId, u64> = match engine.mapped_bytes_all() {
+                    Ok(all) => all.into_iter().map(|(r, b)| (r.id, b.0)).collect(),
+                    Err(e) => {
+                        warn!(error = %e, "ListDevices: no mapped bytes");
+                        HashMap::new()
+                    }
+                };
+                let by_id: HashMap<ThinId, &DeviceRecord> =
+                    records.iter().map(|r| (r.id, r)).collect();
+                let mut out = Vec::with_capacity(records.len());
+                for rec in &records {
+                    let mapped = mapped_all.get(&rec.id).copied().unwrap_or(0);
+                    let parent = rec.parent.and_then(|p| by_id.get(&p));
+                    out.push(admin::Device {
+                        id: rec.id.get(),
+                        name: rec.name.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+                        kind: pb_device_kind(rec.kind) as i32,
+                        state: pb_device_state(rec.state) as i32,
+                        parent_id: rec.parent.map(|p| p.get()),
+                        parent_name: parent
+                            .and_then(|p| p.name.as_ref())
+                            .map(|n| n.to_string())
+                            .unwrap_or_default(),
+                        size: rec.size.0,
+                        mapped_bytes: mapped,
+                        device_path: active
+                            .get(&rec.id)
+                            .map(|p| p.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        labels: rec.labels.clone().into_iter().collect(),
+                        created_at: Some(timestamp(rec.created_ns)),
+                        updated_at: Some(timestamp(rec.updated_ns)),
+                    });
                 }
-            };
-            let by_id: HashMap<ThinId, &DeviceRecord> = records.iter().map(|r| (r.id, r)).collect();
-            let mut out = Vec::with_capacity(records.len());
-            for rec in &records {
-                let mapped = mapped_all.get(&rec.id).copied().unwrap_or(0);
-                let parent = rec.parent.and_then(|p| by_id.get(&p));
-                out.push(admin::Device {
-                    id: rec.id.get(),
-                    name: rec.name.as_ref().map(|n| n.to_string()).unwrap_or_default(),
-                    kind: pb_device_kind(rec.kind) as i32,
-                    state: pb_device_state(rec.state) as i32,
-                    parent_id: rec.parent.map(|p| p.get()),
-                    parent_name: parent
-                        .and_then(|p| p.name.as_ref())
-                        .map(|n| n.to_string())
-                        .unwrap_or_default(),
-                    size: rec.size.0,
-                    mapped_bytes: mapped,
-                    device_path: active
-                        .get(&rec.id)
-                        .map(|p| p.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    labels: rec.labels.clone().into_iter().collect(),
-                    created_at: Some(timestamp(rec.created_ns)),
-                    updated_at: Some(timestamp(rec.updated_ns)),
-                });
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("list task failed: {e}")))
-        .and_then(|r| r.map_err(status))
-        .map(|devices| Response::new(admin::ListDevicesResponse { devices }));
+                Ok(out)
+            })
+            .await
+            .map_err(status)
+            .map(|devices| Response::new(admin::ListDevicesResponse { devices }));
         traced("ListDevices", "", t, res)
     }
 
@@ -935,17 +934,23 @@ impl Admin for Service {
         _req: Request<admin::AuditRequest>,
     ) -> Result<Response<admin::AuditResponse>, Status> {
         let t = Instant::now();
-        let res = self.inner.pool.audit().await.map_err(status).map(|a| {
-            Response::new(admin::AuditResponse {
-                clean: a.is_clean(),
-                leaked: a.leaked.iter().map(|i| i.get()).collect(),
-                missing: a.missing.iter().map(|i| i.get()).collect(),
-                unfinished: a.unfinished.iter().map(|i| i.get()).collect(),
-                pending: a.pending.iter().map(|i| i.get()).collect(),
-                quarantined: a.quarantined.iter().map(|i| i.get()).collect(),
-                store_problems: a.store_problems.clone(),
-            })
-        });
+        let res = self
+            .inner
+            .pool
+            .run(|p| p.audit())
+            .await
+            .map_err(status)
+            .map(|a| {
+                Response::new(admin::AuditResponse {
+                    clean: a.is_clean(),
+                    leaked: a.leaked.iter().map(|i| i.get()).collect(),
+                    missing: a.missing.iter().map(|i| i.get()).collect(),
+                    unfinished: a.unfinished.iter().map(|i| i.get()).collect(),
+                    pending: a.pending.iter().map(|i| i.get()).collect(),
+                    quarantined: a.quarantined.iter().map(|i| i.get()).collect(),
+                    store_problems: a.store_problems.clone(),
+                })
+            });
         traced("Audit", "", t, res)
     }
 
@@ -970,7 +975,12 @@ impl Admin for Service {
                 metadata: parse("metadata", &r.metadata)?,
                 force: r.force,
             };
-            let out = self.inner.pool.grow(grow).await.map_err(status)?;
+            let out = self
+                .inner
+                .pool
+                .run(move |p| p.grow(grow))
+                .await
+                .map_err(status)?;
             info!(
                 data_before = out.before.data.0,
                 data_after = out.after.data.0,
@@ -996,7 +1006,12 @@ impl Admin for Service {
         let force = req.into_inner().force;
         let t = Instant::now();
         let res = async {
-            let r = self.inner.pool.take_down(force).await.map_err(status)?;
+            let r = self
+                .inner
+                .pool
+                .run(move |p| p.take_down(force))
+                .await
+                .map_err(status)?;
             info!(
                 force,
                 deactivated = r.deactivated.len(),

@@ -91,14 +91,14 @@ impl Harness {
         );
         let dir = self.root.join(format!("mnt-{tag}"));
         std::fs::create_dir_all(&dir).expect("mount point");
-        thinpool::fsutil::mount(&mount_spec(m), &dir)
+        thinpool::mount::mount(&mount_spec(m), &dir)
             .unwrap_or_else(|e| panic!("mount {}: {e}", m.source));
         self.mounts.lock().unwrap().push(dir.clone());
         dir
     }
 
     pub fn unmount(&self, dir: &Path) {
-        thinpool::fsutil::unmount(dir).expect("unmount");
+        thinpool::mount::unmount(dir).expect("unmount");
         self.mounts.lock().unwrap().retain(|m| m != dir);
     }
 
@@ -131,7 +131,7 @@ pub fn mount_spec(m: &thinpool_client::Mount) -> thinpool::MountSpec {
 impl Drop for Harness {
     fn drop(&mut self) {
         for m in self.mounts.lock().unwrap().drain(..).rev() {
-            let _ = thinpool::fsutil::unmount(&m);
+            let _ = thinpool::mount::unmount(&m);
         }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());

@@ -37,13 +37,14 @@ pub fn on_sim() -> bool {
     backend() == BackendKind::Sim
 }
 
-/// Prints one line to the real stderr (not captured by libtest, so it shows in every run)
-/// saying that the current test skips on the sim backend, and why.
-pub fn report_skip(why: &str) {
+/// Prints one line, `SKIP <test>: <what>`, to the real stderr (not captured by libtest, so
+/// it shows in every run): the current test, or a part of it (`what` says which), does not
+/// run here.
+pub fn report_skip(what: &str) {
     use std::io::Write as _;
     let thread = std::thread::current();
     let test = thread.name().unwrap_or("?");
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: not on sim ({why})");
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {what}");
 }
 
 /// Returns from the current test on the sim backend, saying why in one line (see
@@ -53,7 +54,7 @@ pub fn report_skip(why: &str) {
 macro_rules! skip_on_sim {
     ($why:expr) => {
         if $crate::on_sim() {
-            $crate::report_skip($why);
+            $crate::report_skip(&format!("not on sim ({})", $why));
             return;
         }
     };
@@ -192,13 +193,13 @@ impl TestPool {
         );
         let dir = self.root.join(format!("mnt-{}", dev.replace('/', "_")));
         fs::create_dir_all(&dir).expect("mount point");
-        thinpool::fsutil::mount(spec, &dir).unwrap_or_else(|e| panic!("mount {dev}: {e}"));
+        thinpool::mount::mount(spec, &dir).unwrap_or_else(|e| panic!("mount {dev}: {e}"));
         self.mounts.push(dir.clone());
         dir
     }
 
     pub fn unmount(&mut self, dir: &Path) {
-        thinpool::fsutil::unmount(dir).expect("unmount");
+        thinpool::mount::unmount(dir).expect("unmount");
         self.mounts.retain(|m| m != dir);
     }
 
@@ -239,7 +240,7 @@ impl TestPool {
     /// (as a reboot would).
     pub fn close(&mut self, teardown: bool) {
         for m in self.mounts.drain(..).rev() {
-            let _ = thinpool::fsutil::unmount(&m);
+            let _ = thinpool::mount::unmount(&m);
         }
         if let Some(p) = self.pool.take() {
             p.close(teardown).expect("close pool");

@@ -356,9 +356,9 @@ fn an_existing_pools_base_is_fixed_at_open() {
             fs_type: settings.fs,
             options: Vec::new(),
         };
-        thinpool::fsutil::mount(&spec, &mnt).unwrap();
+        thinpool::mount::mount(&spec, &mnt).unwrap();
         fs::create_dir(mnt.join("lost+found")).unwrap();
-        thinpool::fsutil::unmount(&mnt).unwrap();
+        thinpool::mount::unmount(&mnt).unwrap();
         b.deactivate(base.id).unwrap();
     }
     tp.pool = Some(Pool::open(&spec).expect("reopen"));

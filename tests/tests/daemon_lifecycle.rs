@@ -174,7 +174,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = thinpool::fsutil::unmount(&self.mnt);
+        let _ = thinpool::mount::unmount(&self.mnt);
         if self.root.join("pool.redb").exists()
             && let Ok(p) = thinpool::Pool::open(&thinpool::PoolSpec {
                 root: self.root.clone(),
@@ -287,7 +287,7 @@ fn daemon_pool_down_and_back() {
     assert_eq!(c1.read("own"), own, "a forced take-down keeps c1 working");
     let d = Daemon::start(&root, &socket, &[]);
     match &c1 {
-        Target::Mounted(dir) => thinpool::fsutil::unmount(dir).unwrap(),
+        Target::Mounted(dir) => thinpool::mount::unmount(dir).unwrap(),
         Target::Held { .. } => drop(c1),
     }
     ok(&d, &["pool", "down"]);

@@ -225,7 +225,7 @@ fn load_32_clients() {
 
         // Every engine record matches: one ready device per snapshot plus the base, no
         // leftover removals, parents by id agree with the model's parent names.
-        let records = h.pool().devices().await.unwrap();
+        let records = h.pool().run(|p| p.devices()).await.unwrap();
         assert_eq!(
             records.len(),
             model.len() + 1,

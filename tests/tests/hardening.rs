@@ -158,7 +158,9 @@ fn pool_files_are_private_to_root_and_tightened_at_open() {
     if !root_user {
         drop(tp);
         let _ = std::fs::remove_dir_all(&dir);
-        thinpool_tests::report_skip("the foreign-mount part mounts a tmpfs (needs root)");
+        thinpool_tests::report_skip(
+            "in part, unprivileged: the probe as another user and the foreign tmpfs mount need root",
+        );
         return;
     }
 
@@ -236,7 +238,7 @@ fn list_filters_are_bounded_and_off_the_workers() {
             for l in 0..15 {
                 req.labels.insert(format!("l{l}"), big.clone());
             }
-            pool.snapshot(req).await.unwrap();
+            pool.run(move |p| p.snapshot(req)).await.unwrap();
         }
     });
     let socket = h.socket.clone();

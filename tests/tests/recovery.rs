@@ -93,7 +93,7 @@ struct ClearScratch(PathBuf);
 
 impl Drop for ClearScratch {
     fn drop(&mut self) {
-        thinpool::fsutil::clear_scratch(&self.0);
+        thinpool::mount::clear_scratch(&self.0);
     }
 }
 
@@ -306,7 +306,7 @@ fn failed_outcome_write_rolls_back_the_create() {
         let mut req = request("new", None, DeviceKind::Active);
         req.activate = true;
         let e = pool.snapshot(req.clone()).unwrap_err();
-        assert!(matches!(e, Error::Store(_)), "{e}");
+        assert!(matches!(e, Error::Store { .. }), "{e}");
         assert!(matches!(pool.device(&name("new")), Err(Error::NotFound(_))));
         pool.snapshot(req).expect("the key is free at once");
         let report = pool.audit().unwrap();
@@ -517,9 +517,9 @@ fn open_reads_the_uuid_of_a_live_base() {
         fs_type: settings.fs,
         options: vec!["ro".into()],
     };
-    thinpool::fsutil::mount(&ro, &mnt).unwrap();
+    thinpool::mount::mount(&ro, &mnt).unwrap();
     let opened = Pool::open(&spec);
-    thinpool::fsutil::unmount(&mnt).unwrap();
+    thinpool::mount::unmount(&mnt).unwrap();
     tp.pool = Some(opened.expect("open with the base mounted"));
     tp.assert_audit_clean();
 }

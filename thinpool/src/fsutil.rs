@@ -10,6 +10,7 @@ use std::process::Command;
 
 use crate::error::{Error, Result};
 use crate::model::FsType;
+use crate::mount::ScratchMount;
 
 /// Mode of every directory the pool makes: the pool's files hold every container's data, so
 /// only root may list or enter them (Docker's loop-lvm files are 0600 likewise).
@@ -82,7 +83,7 @@ fn tighten(path: &Path, meta: &std::fs::Metadata, dev: u64) -> Result<()> {
 fn package_of(tool: &'static str) -> &'static str {
     match tool {
         "mkfs.ext4" | "resize2fs" | "e2fsck" => "e2fsprogs",
-        "mkfs.xfs" | "xfs_growfs" => "xfsprogs",
+        "mkfs.xfs" => "xfsprogs",
         "thin_ls" | "thin_check" | "thin_dump" => "thin-provisioning-tools",
         _ => "(unknown)",
     }
@@ -169,11 +170,10 @@ pub fn fs_uuid(fs: FsType, dev: &Path) -> Result<String> {
 ///
 /// ext4 is grown offline (`e2fsck -f -p`, then `resize2fs`): online growth needs
 /// CAP_SYS_RESOURCE, which containerised daemons often lack. e2fsck recreates `lost+found`,
-/// so it is removed again ([`remove_lost_found`]). xfs grows only when mounted, so
-/// it is mounted under `scratch` for `xfs_growfs`: nosuid, nodev, noexec (the image is a
-/// client's), made private so it does not propagate, and detached lazily when a step fails
-/// so it never outlives the call. A crash can still leave it: the engine removes scratch
-/// mounts at open ([`clear_scratch`]).
+/// so it is removed again ([`remove_lost_found`]). xfs grows only when mounted, so it is
+/// mounted at `scratch` (a [`ScratchMount`]: private, nosuid, nodev, noexec) and grown to
+/// the device's length ([`grow_xfs_data`]). A crash can leave that mount: the engine
+/// removes scratch mounts at open ([`crate::mount::clear_scratch`]).
 pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
     match fs {
         FsType::Ext4 => {
@@ -183,117 +183,104 @@ pub fn grow(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
             remove_lost_found(fs, dev, scratch)
         }
         FsType::Xfs => {
-            use nix::mount::{MsFlags, mount};
-            create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
-            let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-            if let Err(e) = mount(Some(dev), scratch, Some("xfs"), flags, Some("nouuid")) {
-                let _ = std::fs::remove_dir(scratch);
-                return Err(Error::io("mount for resize", dev, e.into()));
-            }
+            let m = ScratchMount::new(dev, scratch, fs, false, Some("nouuid"))?;
             crate::failpoint::hit("grow:after_mount");
-            let result = mount(
-                None::<&str>,
-                scratch,
-                None::<&str>,
-                MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .map_err(|e| Error::io("make resize mount private", scratch, e.into()))
-            .and_then(|()| run("xfs_growfs", &[scratch.as_os_str()]).map(drop));
-            let unmounted = unmount_scratch(scratch);
-            result?;
+            let grown = File::open(dev)
+                .and_then(|mut f| f.seek(SeekFrom::End(0)))
+                .map_err(|e| Error::io("read the size of", dev, e))
+                .and_then(|len| grow_xfs_data(m.path(), len));
+            let unmounted = m.unmount();
+            grown?;
             unmounted
         }
     }
 }
 
-/// Unmounts a scratch mount point and removes it; if the plain unmount fails (a transient
-/// opener), detaches it lazily (MNT_DETACH), so no mount stays in the host's namespace.
-fn unmount_scratch(scratch: &Path) -> Result<()> {
-    use nix::mount::{MntFlags, umount2};
-    let unmounted = umount2(scratch, MntFlags::empty()).or_else(|e| {
-        tracing::warn!(path = %scratch.display(), error = %e, "unmount failed; detaching lazily");
-        umount2(scratch, MntFlags::MNT_DETACH)
-    });
-    let _ = std::fs::remove_dir(scratch);
-    unmounted.map_err(|e| Error::io("unmount after resize", scratch, e.into()))
+/// `XFS_IOC_FSGEOMETRY_V1`'s answer (the kernel's `struct xfs_fsop_geom_v1`).
+#[repr(C)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    logblocks: u32,
+    sectsize: u32,
+    inodesize: u32,
+    imaxpct: u32,
+    datablocks: u64,
+    rtblocks: u64,
+    rtextents: u64,
+    logstart: u64,
+    uuid: [u8; 16],
+    sunit: u32,
+    swidth: u32,
+    version: i32,
+    flags: u32,
+    logsectsize: u32,
+    rtsectsize: u32,
+    dirblocksize: u32,
 }
 
-/// Removes every scratch mount and mount point under `dir` (`<root>/resize`) that a crash
-/// during [`grow`] left: lazy unmount (repeated, for stacked mounts), then rmdir. Returns
-/// the paths cleared. Best effort: a failure is logged and the rest are still tried; the
-/// engine's rollback of the device then reports what is still busy.
-pub fn clear_scratch(dir: &Path) -> Vec<std::path::PathBuf> {
-    use nix::mount::{MntFlags, umount2};
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut cleared = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let mut detached = false;
-        // EINVAL: not a mount point (any more).
-        for _ in 0..8 {
-            match umount2(&path, MntFlags::MNT_DETACH) {
-                Ok(()) => detached = true,
-                Err(nix::errno::Errno::EINVAL) => break,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e,
-                        "cannot detach a scratch mount");
-                    break;
-                }
-            }
-        }
-        if detached {
-            tracing::warn!(path = %path.display(),
-                "detached a scratch mount a crash left (an interrupted filesystem grow)");
-        }
-        match std::fs::remove_dir(&path) {
-            Ok(()) => cleared.push(path),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e,
-                "cannot remove a scratch mount point"),
-        }
+/// `XFS_IOC_FSGROWFSDATA`'s request (the kernel's `struct xfs_growfs_data`).
+#[repr(C)]
+struct XfsGrowfsData {
+    newblocks: u64,
+    imaxpct: u32,
+}
+
+nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
+nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, XfsGrowfsData);
+
+/// Grows the XFS mounted at `mnt` to `size` bytes of data (what `xfs_growfs -d` does), by
+/// ioctl: `xfs_growfs` finds its filesystem by mount point in the mount table, where the
+/// private bind under our mounts comes first (see [`crate::mount`]). No-op when the XFS is
+/// that large already; the kernel leaves out a last allocation group too small to hold.
+/// ENOSPC (no room for the new allocation groups' headers) is `ResourceExhausted`.
+pub fn grow_xfs_data(mnt: &Path, size: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = File::open(mnt).map_err(|e| Error::io("open the XFS", mnt, e))?;
+    // SAFETY: all-zero is a valid value of this plain-data struct, which the kernel fills.
+    let mut geo: XfsGeometryV1 = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one XfsGeometryV1 (the kernel ABI layout) into `geo`.
+    unsafe { xfs_geometry_v1(dir.as_raw_fd(), &mut geo) }
+        .map_err(|e| Error::io("read the XFS geometry", mnt, e.into()))?;
+    let newblocks = size / u64::from(geo.blocksize.max(1));
+    if newblocks <= geo.datablocks {
+        return Ok(());
     }
-    cleared
+    let req = XfsGrowfsData {
+        newblocks,
+        imaxpct: geo.imaxpct,
+    };
+    // SAFETY: the ioctl reads one XfsGrowfsData (the kernel ABI layout) from `req`.
+    unsafe { xfs_growfs_data(dir.as_raw_fd(), &req) }.map_err(|e| match e {
+        nix::errno::Errno::ENOSPC => Error::ResourceExhausted(format!(
+            "grow the XFS at {}: no space for its new allocation groups",
+            mnt.display()
+        )),
+        e => Error::io("grow the XFS", mnt, e.into()),
+    })?;
+    Ok(())
 }
 
 /// Removes the empty `lost+found` that mkfs.ext4 (and e2fsck) leave in the root directory:
 /// containerd expects a new snapshot to be empty, and the directory would otherwise show up
-/// in every container and in every first layer exported from one. It is mounted privately
-/// at `scratch` for the kernel to do it. A `lost+found` that holds something (files e2fsck
-/// recovered) is kept. xfs has none. Precondition: nobody else has `dev` mounted.
+/// in every container and in every first layer exported from one. It is mounted at
+/// `scratch` (a [`ScratchMount`]) for the kernel to do it. A `lost+found` that holds
+/// something (files e2fsck recovered) is kept. xfs has none. Precondition: nobody else has
+/// `dev` mounted.
 pub fn remove_lost_found(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
     if fs != FsType::Ext4 {
         return Ok(());
     }
-    create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     // Read-only first: a base that has none (every open after the first) is not written.
-    mount(
-        Some(dev),
-        scratch,
-        Some("ext4"),
-        flags | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("mount to remove lost+found", dev, e.into()))?;
-    let dir = scratch.join("lost+found");
+    let m = ScratchMount::new(dev, scratch, fs, true, None)?;
+    let dir = m.path().join("lost+found");
     let removed = match std::fs::symlink_metadata(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        _ => mount(
-            None::<&str>,
-            scratch,
-            None::<&str>,
-            flags | MsFlags::MS_REMOUNT,
-            None::<&str>,
-        )
-        .map_err(|e| Error::io("remount read-write to remove lost+found", dev, e.into()))
-        .and_then(|()| remove_empty_dir(&dir, dev)),
+        _ => m.remount_rw().and_then(|()| remove_empty_dir(&dir, dev)),
     };
-    let unmounted = umount2(scratch, MntFlags::empty())
-        .map_err(|e| Error::io("unmount after removing lost+found", scratch, e.into()));
-    let _ = std::fs::remove_dir(scratch);
+    let unmounted = m.unmount();
     removed?;
     unmounted
 }
@@ -324,25 +311,12 @@ pub fn ext4_needs_recovery(dev: &Path) -> Result<bool> {
     Ok(u32::from_le_bytes(b) & 0x4 != 0)
 }
 
-/// Replays the journal of the filesystem on `dev` by mounting it privately at `scratch`
-/// and unmounting it again. Precondition: `dev` is writable and nobody else has it mounted.
+/// Replays the journal of the filesystem on `dev` by mounting it at `scratch` (a
+/// [`ScratchMount`]) and unmounting it again. Precondition: `dev` is writable and nobody
+/// else has it mounted.
 pub fn replay_journal(fs: FsType, dev: &Path, scratch: &Path) -> Result<()> {
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    create_private_dir(scratch).map_err(|e| Error::io("create mount point", scratch, e))?;
-    let fs_name = fs.to_string();
     let options = (fs == FsType::Xfs).then_some("nouuid");
-    mount(
-        Some(dev),
-        scratch,
-        Some(fs_name.as_str()),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        options,
-    )
-    .map_err(|e| Error::io("mount to replay the journal", dev, e.into()))?;
-    let unmounted = umount2(scratch, MntFlags::empty())
-        .map_err(|e| Error::io("unmount after replaying the journal", scratch, e.into()));
-    let _ = std::fs::remove_dir(scratch);
-    unmounted
+    ScratchMount::new(dev, scratch, fs, false, options)?.unmount()
 }
 
 /// `e2fsck -f -p`: resize2fs insists on a freshly checked filesystem. Exit codes 0 (clean)
@@ -361,39 +335,4 @@ fn check_ext4(dev: &Path) -> Result<()> {
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         }),
     }
-}
-
-/// Mounts a device as a [`MountSpec`] says. Flag-like options (`ro`, `nosuid`, ...) become
-/// mount flags; the rest are passed to the filesystem.
-pub fn mount(spec: &crate::model::MountSpec, target: &Path) -> Result<()> {
-    use nix::mount::MsFlags;
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    for o in &spec.options {
-        match o.as_str() {
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "rw" => flags &= !MsFlags::MS_RDONLY,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            other => data.push(other),
-        }
-    }
-    let data = data.join(",");
-    nix::mount::mount(
-        Some(spec.source.as_path()),
-        target,
-        Some(spec.fs_type.to_string().as_str()),
-        flags,
-        (!data.is_empty()).then_some(data.as_str()),
-    )
-    .map_err(|e| Error::io("mount", target, e.into()))
-}
-
-/// Unmounts `target`.
-pub fn unmount(target: &Path) -> Result<()> {
-    nix::mount::umount2(target, nix::mount::MntFlags::empty())
-        .map_err(|e| Error::io("unmount", target, e.into()))
 }

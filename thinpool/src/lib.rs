@@ -9,6 +9,7 @@
 
 mod asyncpool;
 pub mod backend;
+mod blockdev;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
@@ -17,6 +18,7 @@ pub mod ids;
 pub mod loopback;
 pub mod model;
 mod monitor;
+pub mod mount;
 pub mod store;
 pub mod timing;
 pub mod units;

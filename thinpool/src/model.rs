@@ -395,14 +395,31 @@ pub enum DeviceKind {
     View,
 }
 
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl DeviceKind {
+    /// Every kind, for tables that list each one (metrics).
+    pub const ALL: [DeviceKind; 4] = [
+        DeviceKind::Base,
+        DeviceKind::Committed,
+        DeviceKind::Active,
+        DeviceKind::View,
+    ];
+
+    /// The kind's name: the one hand-written kind-to-string mapping. containerd's filters
+    /// (`kind==active`), metrics labels, logs and the store's serde form (checked by a
+    /// test) all use these.
+    pub fn as_str(self) -> &'static str {
+        match self {
             DeviceKind::Base => "base",
             DeviceKind::Committed => "committed",
             DeviceKind::Active => "active",
             DeviceKind::View => "view",
-        })
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -559,6 +576,16 @@ mod tests {
             threshold: Percent(threshold),
             percent: Percent(percent),
             max,
+        }
+    }
+
+    /// The store's serde names and `as_str` (filters, metrics) are the same strings.
+    #[test]
+    fn device_kind_names_agree_with_serde() {
+        for k in DeviceKind::ALL {
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()), "{k:?}");
+            assert_eq!(k.to_string(), k.as_str());
         }
     }
 

@@ -76,13 +76,13 @@ pub async fn run_autoextend(pool: AsyncPool, period: Duration, shutdown: impl Fu
                 events = None;
                 continue;
             }
-            Some(Ok(())) => match pool.take_events().await {
+            Some(Ok(())) => match pool.run(|p| p.take_events()).await {
                 Ok(true) => debug!("pool event"),
                 Ok(false) => continue, // another device's event
                 Err(e) => warn!(error = %e, "reading dm events failed; checking anyway"),
             },
         }
-        match pool.autoextend_check().await {
+        match pool.run(|p| p.autoextend_check()).await {
             Ok(Some(outcome)) => info!(data = %outcome.after.data,
                 metadata = %outcome.after.metadata, "space monitor grew the pool"),
             Ok(None) => {}

@@ -81,7 +81,10 @@ pub struct Store {
 /// Store errors name the file.
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let named = |e| match e {
-        Error::Store(m) => Error::Store(format!("{}: {m}", path.display())),
+        Error::Store { message, source } => Error::Store {
+            message: format!("{}: {message}", path.display()),
+            source,
+        },
         e => e,
     };
     catch_unwind(AssertUnwindSafe(|| f().map_err(named))).unwrap_or_else(|panic| {
@@ -192,8 +195,8 @@ impl Store {
     /// [`Store::check`] as an error naming the store file and the repair path.
     pub fn check_or_fail(&self) -> Result<()> {
         let problems = self.check().map_err(|e| match e {
-            Error::Store(m) => Error::Inconsistent(format!(
-                "the metadata store cannot be read: {m}; {REPAIR_HINT}"
+            Error::Store { message, .. } => Error::Inconsistent(format!(
+                "the metadata store cannot be read: {message}; {REPAIR_HINT}"
             )),
             e => e,
         })?;

@@ -11,8 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use thinpool::{Bytes, FsType, MountSpec};
-use thinpool_client::{Client, Info, Mount, device_kind_name, device_state_name, kind_name};
+use thinpool_client::{Bytes, Client, Info, Mount, device_kind_name, device_state_name, kind_name};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -571,21 +570,13 @@ async fn mount(c: &mut Client, key: &str, dir: &std::path::Path) -> Result<()> {
             mounts.len()
         );
     };
-    let spec = MountSpec {
-        source: PathBuf::from(&m.source),
-        fs_type: m
-            .r#type
-            .parse::<FsType>()
-            .with_context(|| format!("mount type {:?}", m.r#type))?,
-        options: m.options.clone(),
-    };
-    thinpool::fsutil::mount(&spec, dir)?;
+    thinpool_client::mount::mount(m, dir)?;
     Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
     if let Cmd::Umount { dir } = &cli.cmd {
-        thinpool::fsutil::unmount(dir)?;
+        thinpool_client::mount::unmount(dir)?;
         return Ok(());
     }
     let mut c = Client::connect(&cli.socket).await?;

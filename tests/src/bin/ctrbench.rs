@@ -535,8 +535,10 @@ fn make_devmapper_pool(dir: &Path, o: &Opts) -> Result<()> {
     let meta = dir.join("metadata");
     std::fs::File::create(&data)?.set_len(o.data_size.0)?;
     std::fs::File::create(&meta)?.set_len(o.metadata_size.0)?;
-    let data_loop = thinpool::loopback::attach(&data)?;
-    let meta_loop = thinpool::loopback::attach(&meta)?;
+    let data_loop =
+        thinpool::loopback::find_or_attach(&data, thinpool::loopback::LoopOptions::POOL_FILE)?;
+    let meta_loop =
+        thinpool::loopback::find_or_attach(&meta, thinpool::loopback::LoopOptions::POOL_FILE)?;
     let total = DataBlocks(o.data_size.0 / o.block_size.0);
     let lwm = AutoextendPolicy::OFF.low_water_mark(total);
     let table = format!(

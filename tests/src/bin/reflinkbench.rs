@@ -200,7 +200,7 @@ fn run(dir: &Path, root: &Path, cleanup: &mut Cleanup) -> Res<()> {
         let thin = pool.activate(&name(&io))?.source;
         let plain_file = dir.join(format!("plain-{round}.img"));
         loopback::create_sparse(&plain_file, Bytes::gib(10).0)?;
-        let plain = loopback::attach(&plain_file)?;
+        let plain = loopback::find_or_attach(&plain_file, loopback::LoopOptions::POOL_FILE)?;
         cleanup.loops.push(plain.clone());
         for dev in [&thin, &plain] {
             let dio = fs::read_to_string(

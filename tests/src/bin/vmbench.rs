@@ -219,7 +219,9 @@ fn io_rows(dir: &Path, block: Bytes, report: &mut String) {
         .unwrap()
         .set_len(Bytes::gib(1).0)
         .unwrap();
-    let raw = thinpool::loopback::attach(&raw_file).unwrap();
+    let raw =
+        thinpool::loopback::find_or_attach(&raw_file, thinpool::loopback::LoopOptions::POOL_FILE)
+            .unwrap();
 
     type Test = fn(&Path) -> f64;
     let tests: [(&str, Test); 3] = [

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil;
 use crate::ids::ThinId;
-use crate::loopback;
+use crate::loopback::{self, LoopOptions};
 use crate::model::{BackendKind, BackendStatus, PoolMode, PoolSettings};
 use crate::units::{Bytes, DataBlocks};
 
@@ -110,10 +110,7 @@ impl Names {
 }
 
 fn errno_of(e: &DmError) -> Option<nix::errno::Errno> {
-    match e {
-        DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, err)) => Some(**err),
-        _ => None,
-    }
+    crate::error::dm_errno(e)
 }
 
 fn dm_err(context: impl Into<String>) -> impl FnOnce(DmError) -> Error {
@@ -268,8 +265,8 @@ impl DmBackend {
         let names = Names {
             tag: settings.tag.clone(),
         };
-        let meta_loop = loopback::attach(&paths.metadata_file)?;
-        let data_loop = loopback::attach(&paths.data_file)?;
+        let meta_loop = loopback::find_or_attach(&paths.metadata_file, LoopOptions::POOL_FILE)?;
+        let data_loop = loopback::find_or_attach(&paths.data_file, LoopOptions::POOL_FILE)?;
         let meta_len = Bytes(loopback::file_len(&paths.metadata_file)?);
         let data_len = Bytes(loopback::file_len(&paths.data_file)?);
         // A live loop device is shorter than its file if a crash came between extending the
@@ -404,6 +401,7 @@ impl DmBackend {
                 Err(match restored {
                     Ok(()) => Error::Dm {
                         context: what.to_string(),
+                        errno: errno_of(&resume),
                         message: format!(
                             "the kernel refused the new table at resume ({resume}); the pool \
                              is back as it was (see the kernel log)"
@@ -411,6 +409,7 @@ impl DmBackend {
                     },
                     Err(e) => Error::Dm {
                         context: what.to_string(),
+                        errno: errno_of(&resume),
                         message: format!(
                             "the pool did not resume ({resume}) and neither did it with its \
                              old tables ({e}): it is SUSPENDED and its devices hang until \
@@ -556,6 +555,7 @@ impl DmBackend {
         let e = last.expect("at least one attempt");
         Err(Error::Dm {
             context: format!("resume origin {origin}"),
+            errno: errno_of(&e),
             message: format!(
                 "{e}{}: the origin is SUSPENDED and its users hang until `dmsetup resume {}` \
                  succeeds (thinpoold also resumes it at its next start)",
@@ -605,22 +605,16 @@ impl DmBackend {
         Ok(())
     }
 
-    /// Best-effort removal of a half-created pool's kernel objects and loop devices.
+    /// Removes a half-created pool's kernel objects and loop devices. Fails, leaving the
+    /// loop devices, when a device-mapper device cannot be removed (it is in use).
     pub fn scrub(paths: &PoolPaths, settings: &PoolSettings) -> Result<()> {
         if let Ok(dm) = DM::new() {
             let names = Names {
                 tag: settings.tag.clone(),
             };
-            remove_ours(&dm, &names);
+            remove_ours(&dm, &names)?;
         }
-        for f in [&paths.data_file, &paths.metadata_file] {
-            if f.exists()
-                && let Some(dev) = loopback::find(f)?
-            {
-                loopback::detach(&dev)?;
-            }
-        }
-        Ok(())
+        detach_pool_loops(paths)
     }
 
     /// Sends a pool message, then advances the transaction id past it. Returns the new id.
@@ -716,6 +710,7 @@ impl DmBackend {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| Error::Dm {
                 context: format!("status of thin {id}"),
+                errno: None,
                 message: format!("unexpected status line {line:?}"),
             })?;
         Ok(Some(Bytes(mapped * 512)))
@@ -816,9 +811,12 @@ fn parse_thin_ls_mapped(listed: &str) -> Result<BTreeMap<ThinId, Bytes>> {
     Ok(out)
 }
 
-/// Removes every kernel device named for this pool: thins first, then pool, data, meta.
-fn remove_ours(dm: &DM, names: &Names) {
-    let Ok(list) = dm.list_devices() else { return };
+/// Removes every device-mapper device of this pool (thin devices, then the pool, then its
+/// linear devices), each retried briefly while busy (a udev probe). Returns the first
+/// failure after trying them all: a device left behind holds the ones under it, down to
+/// the loop devices, so teardown must not report success.
+fn remove_ours(dm: &DM, names: &Names) -> Result<()> {
+    let list = dm.list_devices().map_err(dm_err("list devices"))?;
     let mut ours: Vec<DmNameBuf> = list
         .into_iter()
         .map(|(n, _, _)| n)
@@ -835,14 +833,48 @@ fn remove_ours(dm: &DM, names: &Names) {
         }
     };
     ours.sort_by_key(rank);
+    let mut first_err = None;
     for n in ours {
         let id = DevId::Name(&n);
         // A device a crash left suspended cannot be removed cleanly; resume it first.
         let _ = dm.device_suspend(&id, DmOptions::default());
-        if let Err(e) = dm.device_remove(&id, DmOptions::default()) {
-            warn!(device = %n.to_string(), error = %e, "could not remove device");
+        let mut tries = 0;
+        let removed = loop {
+            match dm.device_remove(&id, DmOptions::default()) {
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
+                    tries += 1;
+                    if tries >= REMOVE_RETRIES {
+                        break Err(Error::FailedPrecondition(format!(
+                            "device-mapper device {} is in use",
+                            &*n
+                        )));
+                    }
+                    std::thread::sleep(REMOVE_RETRY_WAIT);
+                }
+                Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => break Ok(()),
+                Err(e) => break Err(Error::dm(format!("remove {}", &*n), e)),
+                Ok(_) => break Ok(()),
+            }
+        };
+        if let Err(e) = removed {
+            warn!(device = %&*n, error = %e, "could not remove device");
+            first_err.get_or_insert(e);
         }
     }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Detaches the loop devices of the pool's files ([`loopback::detach`]: one still claimed,
+/// by a device-mapper table left behind, fails with `FailedPrecondition`).
+fn detach_pool_loops(paths: &PoolPaths) -> Result<()> {
+    for f in [&paths.data_file, &paths.metadata_file] {
+        if f.exists()
+            && let Some(dev) = loopback::find(f)?
+        {
+            loopback::detach(&dev)?;
+        }
+    }
+    Ok(())
 }
 
 impl Backend for DmBackend {
@@ -876,6 +908,7 @@ impl Backend for DmBackend {
             ThinPoolStatus::Error => {
                 return Err(Error::Dm {
                     context: "pool status".into(),
+                    errno: None,
                     message: "the kernel reported Error".into(),
                 });
             }
@@ -1143,14 +1176,11 @@ impl Backend for DmBackend {
         Ok(DmEvents::new(self.names.pool())?.map(|e| Box::new(e) as Box<dyn PoolEvents>))
     }
 
+    /// Removes every device (thin, pool, linear), then detaches the loop devices; the
+    /// first device that cannot be removed is the error, and the loops stay.
     fn teardown(&self) -> Result<()> {
-        remove_ours(&self.dm, &self.names);
-        for f in [&self.paths.data_file, &self.paths.metadata_file] {
-            if let Some(dev) = loopback::find(f)? {
-                loopback::detach(&dev)?;
-            }
-        }
-        Ok(())
+        remove_ours(&self.dm, &self.names)?;
+        detach_pool_loops(&self.paths)
     }
 }
 

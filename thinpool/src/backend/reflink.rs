@@ -23,10 +23,8 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::thread::sleep;
-use std::time::Duration;
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::mount::MsFlags;
 use tracing::{info, warn};
 
 use super::{Backend, PoolEvents, PoolPaths};
@@ -34,8 +32,9 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::fsutil;
 use crate::ids::ThinId;
-use crate::loopback;
+use crate::loopback::{self, LoopOptions};
 use crate::model::{AutoextendPolicy, BackendKind, BackendStatus, PoolMode, PoolSettings};
+use crate::mount;
 use crate::units::{Bytes, DataBlocks};
 
 /// The log we use at most. mkfs.xfs writes the whole log, so its size is real disk use;
@@ -50,8 +49,6 @@ const MIN_DATA: Bytes = Bytes::mib(300);
 /// Free space below which we report the pool as out of data space: 1% of the pool, capped.
 /// XFS fails writes with ENOSPC only at zero, but by then the pool is unusable anyway.
 const FULL_MARGIN_CAP: Bytes = Bytes::mib(64);
-/// How long a detach waits for a transient opener (udev's blkid probe, say) to go away.
-const DETACH_WAIT: Duration = Duration::from_secs(1);
 
 const COUNTER_FILE: &str = "transaction_id";
 const COUNTER_TEMP: &str = "transaction_id.tmp";
@@ -110,8 +107,8 @@ impl ReflinkBackend {
         loopback::create_sparse(&paths.metadata_file, settings.metadata_size.0)?;
         loopback::preallocate(&paths.metadata_file)?;
         let made = (|| {
-            let data_dev = loopback::attach(&paths.data_file)?;
-            let meta_dev = loopback::attach(&paths.metadata_file)?;
+            let data_dev = loopback::find_or_attach(&paths.data_file, LoopOptions::POOL_FILE)?;
+            let meta_dev = loopback::find_or_attach(&paths.metadata_file, LoopOptions::POOL_FILE)?;
             let log = format!(
                 "logdev={},size={}m",
                 meta_dev.display(),
@@ -163,18 +160,20 @@ impl ReflinkBackend {
                 )));
             }
         }
-        let data_dev = loopback::attach(&paths.data_file)?;
-        let meta_dev = loopback::attach(&paths.metadata_file)?;
+        let data_dev = loopback::find_or_attach(&paths.data_file, LoopOptions::POOL_FILE)?;
+        let meta_dev = loopback::find_or_attach(&paths.metadata_file, LoopOptions::POOL_FILE)?;
         let mnt = paths.root.join("mnt");
         fsutil::create_private_dir(&mnt).map_err(|e| io_error("create mount point", &mnt, e))?;
-        match mounted_source(&canonical(&mnt)?)? {
+        match mount::mounted_source(&canonical(&mnt)?)? {
             Some(source) if Path::new(&source) == data_dev => {
                 info!(mnt = %mnt.display(), "pool XFS already mounted");
                 // Device files of a pool made before the modes were set are 0644.
                 fsutil::make_private(&mnt)?;
             }
             // Our private bind, left by a start that stopped before mounting the XFS.
-            Some(_) if is_own_bind(&canonical(&mnt)?)? => mount_xfs(&data_dev, &meta_dev, &mnt)?,
+            Some(_) if mount::is_own_bind(&canonical(&mnt)?)? => {
+                mount_xfs(&data_dev, &meta_dev, &mnt)?
+            }
             Some(source) => {
                 return Err(Error::Inconsistent(format!(
                     "{} is mounted from {source}, not from the pool's data device {}",
@@ -223,14 +222,14 @@ impl ReflinkBackend {
         let mnt = paths.root.join("mnt");
         let mnt = fs::canonicalize(&mnt).unwrap_or(mnt);
         for (_, dev) in device_loops(&mnt.join(DEVICES_DIR))? {
-            detach_unused(&dev)?;
+            loopback::detach(&dev)?;
         }
-        unmount_all(&mnt)?;
+        unmount_xfs(&mnt)?;
         for f in [&paths.data_file, &paths.metadata_file] {
             if f.exists()
                 && let Some(dev) = loopback::find(f)?
             {
-                detach_unused(&dev)?;
+                loopback::detach(&dev)?;
             }
         }
         Ok(())
@@ -262,7 +261,8 @@ impl ReflinkBackend {
     fn attached(&self, id: ThinId) -> Option<PathBuf> {
         let mut loops = self.loops.lock();
         let dev = loops.get(&id)?.clone();
-        if backing_file(&dev).as_deref() == Some(self.device_file(id).as_path()) && !detaching(&dev)
+        if loopback::backing_file(&dev).as_deref() == Some(self.device_file(id).as_path())
+            && !loopback::detaching(&dev)
         {
             Some(dev)
         } else {
@@ -444,9 +444,10 @@ impl Backend for ReflinkBackend {
 
     /// Attaches a loop device with direct I/O to the device's file (read-only when asked)
     /// and returns its node; an attached device returns the node it has. The device has
-    /// the XFS block size (4 KiB) as its logical sector size (see [`attach_device_file`]),
-    /// so filesystems made on the base device use at least that. `size` is not used: the
-    /// file has the device's size.
+    /// the XFS block size (4 KiB) as its logical sector size, so filesystems made on the
+    /// base device use at least that: XFS allows direct I/O to a reflinked file only in
+    /// whole blocks, and a loop device with smaller sectors silently falls back to
+    /// buffered I/O (cached twice). `size` is not used: the file has the device's size.
     fn activate(&self, id: ThinId, _size: Bytes, read_only: bool) -> Result<PathBuf> {
         if let Some(dev) = self.attached(id) {
             return Ok(dev);
@@ -455,7 +456,12 @@ impl Backend for ReflinkBackend {
         if !file.exists() {
             return Err(Error::NotFound(format!("thin id {id} has no file")));
         }
-        let dev = attach_device_file(&file, read_only, self.device_block_size)?;
+        let opts = LoopOptions {
+            read_only,
+            block_size: Some(Bytes(u64::from(self.device_block_size))),
+            direct_io: true,
+        };
+        let dev = loopback::attach(&file, opts)?;
         self.loops.lock().insert(id, dev.clone());
         Ok(dev)
     }
@@ -467,7 +473,7 @@ impl Backend for ReflinkBackend {
         let Some(dev) = self.attached(id) else {
             return Ok(());
         };
-        detach_unused(&dev).map_err(|e| match e {
+        loopback::detach(&dev).map_err(|e| match e {
             Error::FailedPrecondition(why) => {
                 Error::FailedPrecondition(format!("thin id {id}: {why}"))
             }
@@ -487,7 +493,7 @@ impl Backend for ReflinkBackend {
             return Ok(());
         };
         let (major, minor) = loopback::dev_numbers(&dev)?;
-        match mount_point_of(major, minor)? {
+        match mount::mount_point_of(major, minor)? {
             Some(mnt) => freeze_and_thaw(&mnt, major, minor)?,
             None => File::open(&dev)
                 .and_then(|f| f.sync_all())
@@ -506,9 +512,9 @@ impl Backend for ReflinkBackend {
         let Some(dev) = self.attached(id) else {
             return Ok(());
         };
-        match detach_unused(&dev) {
+        match loopback::detach(&dev) {
             Ok(()) => {}
-            Err(Error::FailedPrecondition(_)) => detach_at_last_close(&dev)?,
+            Err(Error::FailedPrecondition(_)) => loopback::detach_at_last_close(&dev)?,
             Err(e) => return Err(e),
         }
         self.loops.lock().remove(&id);
@@ -525,7 +531,7 @@ impl Backend for ReflinkBackend {
         let mut found: BTreeMap<ThinId, PathBuf> = BTreeMap::new();
         let mut loops = self.loops.lock();
         for (id, dev) in device_loops(&self.devices)? {
-            if detaching(&dev) {
+            if loopback::detaching(&dev) {
                 found.entry(id).or_insert(dev);
             } else {
                 loops.insert(id, dev.clone());
@@ -590,7 +596,7 @@ impl Backend for ReflinkBackend {
         loopback::extend(&self.data_file, size.0)?;
         failpoint::hit("grow:after_file");
         loopback::ensure_capacity(&self.data_dev, size.0)?;
-        grow_xfs_data(&self.mnt, size.0)?;
+        fsutil::grow_xfs_data(&self.mnt, size.0)?;
         info!(size = %size, mnt = %self.mnt.display(), "pool XFS grown");
         Ok(())
     }
@@ -619,7 +625,7 @@ impl Backend for ReflinkBackend {
     fn teardown(&self) -> Result<()> {
         let mut first_err = None;
         for (id, dev) in device_loops(&self.devices)? {
-            match detach_unused(&dev) {
+            match loopback::detach(&dev) {
                 Ok(()) => {
                     self.loops.lock().remove(&id);
                 }
@@ -632,10 +638,10 @@ impl Backend for ReflinkBackend {
         if let Some(e) = first_err {
             return Err(e);
         }
-        unmount_all(&self.mnt)?;
+        unmount_xfs(&self.mnt)?;
         for f in [&self.data_file, &self.metadata_file] {
             if let Some(dev) = loopback::find(f)? {
-                detach_unused(&dev)?;
+                loopback::detach(&dev)?;
             }
         }
         info!(mnt = %self.mnt.display(), "reflink pool torn down");
@@ -731,11 +737,8 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 }
 
 /// Mounts the pool's XFS at `mnt` with its external log, on a private bind of `mnt` onto
-/// itself: a mount propagates by its parent's type, and `/var/lib` usually lies under a
-/// shared mount (systemd's default for `/`), so an XFS mounted straight there would appear
-/// in every peer namespace (container runtimes, services with their own namespaces), keep
-/// the data loop device busy there, and make teardown fail. The bind propagates, but it
-/// holds nothing of ours.
+/// itself ([`mount::mount_private`]): an XFS copied into a peer namespace would keep the
+/// data loop device busy there and make teardown fail.
 ///
 /// Options: noatime and no devices, setuid or exec, as the XFS holds only device images.
 /// No online `discard`: blocks XFS frees (deleted devices) stay allocated in the data file
@@ -746,417 +749,31 @@ fn read_counter(mnt: &Path) -> Result<u64> {
 fn mount_xfs(data_dev: &Path, meta_dev: &Path, mnt: &Path) -> Result<()> {
     fsutil::create_private_dir(mnt).map_err(|e| io_error("create mount point", mnt, e))?;
     let mnt = &canonical(mnt)?; // mountinfo has canonical paths
-    if !is_own_bind(mnt)? {
-        mount(Some(mnt), mnt, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| Error::io("bind the pool mount point onto itself", mnt, e.into()))?;
-    }
-    mount(
-        None::<&str>,
-        mnt,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("make the pool mount point private", mnt, e.into()))?;
     let opts = format!("logdev={}", meta_dev.display());
     let flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-    mount(Some(data_dev), mnt, Some("xfs"), flags, Some(opts.as_str()))
-        .map_err(|e| Error::io("mount pool XFS", data_dev, e.into()))?;
-    mount(
-        None::<&str>,
-        mnt,
-        None::<&str>,
-        MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("make pool mount private", mnt, e.into()))?;
+    mount::mount_private(data_dev, mnt, "xfs", flags, Some(opts.as_str()))?;
     // The XFS root is 0755 from mkfs, and pools made before the modes were set have 0644
     // device files: only root may read container data.
     fsutil::make_private(mnt)
 }
 
-/// `XFS_IOC_FSGEOMETRY_V1`'s answer (the kernel's `struct xfs_fsop_geom_v1`).
-#[repr(C)]
-struct XfsGeometryV1 {
-    blocksize: u32,
-    rtextsize: u32,
-    agblocks: u32,
-    agcount: u32,
-    logblocks: u32,
-    sectsize: u32,
-    inodesize: u32,
-    imaxpct: u32,
-    datablocks: u64,
-    rtblocks: u64,
-    rtextents: u64,
-    logstart: u64,
-    uuid: [u8; 16],
-    sunit: u32,
-    swidth: u32,
-    version: i32,
-    flags: u32,
-    logsectsize: u32,
-    rtsectsize: u32,
-    dirblocksize: u32,
-}
-
-/// `XFS_IOC_FSGROWFSDATA`'s request (the kernel's `struct xfs_growfs_data`).
-#[repr(C)]
-struct XfsGrowfsData {
-    newblocks: u64,
-    imaxpct: u32,
-}
-
-nix::ioctl_read!(xfs_geometry_v1, b'X', 100, XfsGeometryV1);
-nix::ioctl_write_ptr!(xfs_growfs_data, b'X', 110, XfsGrowfsData);
-
-/// Grows the XFS mounted at `mnt` to `size` bytes of data (what `xfs_growfs -d` does), by
-/// ioctl: `xfs_growfs` finds its filesystem by mount point in the mount table, where the
-/// private bind under the XFS (see [`mount_xfs`]) comes first. No-op when the XFS is that
-/// large already; the kernel leaves out a last allocation group too small to hold.
-fn grow_xfs_data(mnt: &Path, size: u64) -> Result<()> {
-    let dir = File::open(mnt).map_err(|e| io_error("open pool XFS", mnt, e))?;
-    // SAFETY: all-zero is a valid value of this plain-data struct, which the kernel fills.
-    let mut geo: XfsGeometryV1 = unsafe { std::mem::zeroed() };
-    // SAFETY: the ioctl writes one XfsGeometryV1 (the kernel ABI layout) into `geo`.
-    unsafe { xfs_geometry_v1(dir.as_raw_fd(), &mut geo) }
-        .map_err(|e| Error::io("read the XFS geometry", mnt, e.into()))?;
-    let newblocks = size / u64::from(geo.blocksize.max(1));
-    if newblocks <= geo.datablocks {
-        return Ok(());
-    }
-    let req = XfsGrowfsData {
-        newblocks,
-        imaxpct: geo.imaxpct,
-    };
-    // SAFETY: the ioctl reads one XfsGrowfsData (the kernel ABI layout) from `req`.
-    unsafe { xfs_growfs_data(dir.as_raw_fd(), &req) }
-        .map_err(|e| Error::io("grow the pool XFS", mnt, e.into()))?;
-    Ok(())
-}
-
 /// Unmounts the pool's XFS and then the private bind under it (pools mounted before the
 /// bind existed have none).
-fn unmount_all(mnt: &Path) -> Result<()> {
-    for _ in 0..2 {
-        if mounted_source(mnt)?.is_none() {
-            break;
-        }
-        unmount(mnt)?;
-    }
-    Ok(())
+fn unmount_xfs(mnt: &Path) -> Result<()> {
+    mount::unmount_all(mnt, 2)
 }
 
-/// Whether the visible mount at `mnt` is a bind of the directory's own filesystem: the
-/// private bind [`mount_xfs`] makes, without the XFS on it.
-fn is_own_bind(mnt: &Path) -> Result<bool> {
-    let Some((_, dev)) = visible_mount(mnt)? else {
-        return Ok(false);
-    };
-    let parent = mnt.parent().unwrap_or(Path::new("/"));
-    let st =
-        nix::sys::stat::stat(parent).map_err(|e| Error::io("stat", parent, io::Error::from(e)))?;
-    let parent_dev = format!(
-        "{}:{}",
-        nix::sys::stat::major(st.st_dev),
-        nix::sys::stat::minor(st.st_dev)
-    );
-    Ok(dev == parent_dev)
-}
-
-fn unmount(mnt: &Path) -> Result<()> {
-    umount2(mnt, MntFlags::empty()).map_err(|e| match e {
-        nix::errno::Errno::EBUSY => Error::FailedPrecondition(format!(
-            "the pool's XFS at {} is busy and cannot be unmounted",
-            mnt.display()
-        )),
-        e => Error::io("unmount pool XFS", mnt, e.into()),
-    })
-}
-
-/// The source of the mount at `mnt` (canonical), if something is mounted there.
-fn mounted_source(mnt: &Path) -> Result<Option<String>> {
-    Ok(visible_mount(mnt)?.map(|(source, _)| source))
-}
-
-/// The source and `major:minor` of the visible mount at `mnt` (canonical), if any.
-fn visible_mount(mnt: &Path) -> Result<Option<(String, String)>> {
-    let info = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
-    // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
-    // The last mount at a point is the visible one.
-    let mut found = None;
-    for line in info.lines() {
-        let mut fields = line.split(' ');
-        let Some(dev) = fields.nth(2) else { continue };
-        let Some(point) = fields.nth(1) else { continue };
-        if Path::new(&unescape_mountinfo(point)) != mnt {
-            continue;
-        }
-        let mut rest = fields.skip_while(|f| *f != "-").skip(2);
-        let source = rest.next().map(unescape_mountinfo).unwrap_or_default();
-        found = Some((source, dev.to_string()));
-    }
-    Ok(found)
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        if let (b'\\', Some(d)) = (b[i], octal) {
-            out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The backing file of a loop device, from sysfs; `None` if it has none. A file unlinked
-/// while attached shows as "<path> (deleted)"; that suffix is removed.
-fn backing_file(dev: &Path) -> Option<PathBuf> {
-    let text = fs::read_to_string(sysfs_loop_attr(dev, "backing_file")).ok()?;
-    let text = text.trim_end_matches('\n');
-    Some(PathBuf::from(
-        text.strip_suffix(" (deleted)").unwrap_or(text),
-    ))
-}
-
-/// Loop devices whose backing file is a device file in `devices` (canonical), by id.
+/// Loop devices whose backing file is a device file in `devices` (canonical), by id. Files
+/// unlinked while attached count too: teardown must detach them before it can unmount.
 fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
-    let entries = match fs::read_dir("/sys/block") {
-        Ok(e) => e,
-        Err(e) => return Err(Error::io("list block devices", "/sys/block", e)),
-    };
-    let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let dev = PathBuf::from("/dev").join(name);
-        let Some(backing) = backing_file(&dev) else {
-            continue;
-        };
-        if backing.parent() != Some(devices) {
-            continue;
-        }
-        if let Some(id) = backing
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(parse_id)
-        {
-            found.push((id, dev));
-        }
-    }
-    Ok(found)
-}
-
-/// Attaches a device file to a free loop device. Precondition: it is not attached.
-///
-/// One `LOOP_CONFIGURE` sets the backing file, the logical block size and direct I/O
-/// together, so the device is never visible without them. The block size is the XFS block
-/// size: XFS allows direct I/O to a reflinked file only in whole blocks, and a loop device
-/// with smaller sectors silently falls back to buffered I/O (cached twice). With
-/// `read_only`, both the file and the device are read-only.
-fn attach_device_file(file: &Path, read_only: bool, block_size: u32) -> Result<PathBuf> {
-    let backing = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(file)
-        .map_err(|e| Error::io("open device file", file, e))?;
-    let ctl_path = Path::new("/dev/loop-control");
-    let ctl = File::open(ctl_path).map_err(|e| Error::io("open", ctl_path, e))?;
-    let mut config = LoopConfig {
-        fd: backing.as_raw_fd() as u32,
-        block_size,
-        // SAFETY: LoopInfo64 is plain data; all-zero is its "no options" value.
-        info: unsafe { std::mem::zeroed() },
-        reserved: [0; 8],
-    };
-    config.info.lo_flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
-    // LOOP_CTL_GET_FREE then LOOP_CONFIGURE races with other processes taking the same
-    // device; EBUSY means someone won, so ask for another.
-    let mut last_err = None;
-    for _ in 0..20 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
-        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-        if n < 0 {
-            return Err(Error::io(
-                "find a free loop device",
-                ctl_path,
-                io::Error::last_os_error(),
-            ));
-        }
-        let dev = PathBuf::from(format!("/dev/loop{n}"));
-        let loop_file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&dev)
-            .map_err(|e| Error::io("open loop device", &dev, e))?;
-        // SAFETY: the kernel reads `config`, which outlives the call.
-        if unsafe { libc::ioctl(loop_file.as_raw_fd(), LOOP_CONFIGURE, &config) } == 0 {
-            let dio = fs::read_to_string(sysfs_loop_attr(&dev, "dio")).unwrap_or_default();
-            if dio.trim() != "1" {
-                warn!(file = %file.display(), dev = %dev.display(),
-                    "direct I/O refused for a device file; it uses buffered I/O");
-            }
-            return Ok(dev);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(Error::io("LOOP_CONFIGURE", file, e));
-        }
-        last_err = Some(e);
-        sleep(Duration::from_millis(10));
-    }
-    Err(Error::io(
-        "attach loop device (busy after 20 tries)",
-        file,
-        last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EBUSY)),
-    ))
-}
-
-// From <linux/loop.h>.
-const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
-const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
-const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
-const LO_FLAGS_READ_ONLY: u32 = 1;
-const LO_FLAGS_AUTOCLEAR: u32 = 4;
-const LO_FLAGS_DIRECT_IO: u32 = 16;
-
-/// `struct loop_info64` from `<linux/loop.h>`.
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
-/// `struct loop_config` from `<linux/loop.h>`.
-#[repr(C)]
-struct LoopConfig {
-    fd: u32,
-    block_size: u32,
-    info: LoopInfo64,
-    reserved: [u64; 8],
-}
-
-/// Detaches a loop device that nobody uses; fails with `FailedPrecondition` otherwise.
-///
-/// `LOOP_CLR_FD` on a device that is open elsewhere does not fail: the kernel sets
-/// autoclear and detaches at the last close, which would make a mounted device vanish at
-/// unmount. So: an exclusive open first (it fails with EBUSY while the device is mounted
-/// or claimed), which also keeps anyone from mounting it meanwhile; then `LOOP_CLR_FD`; and
-/// if a non-exclusive opener still holds it after a short wait, we clear autoclear again
-/// and report the device busy.
-fn detach_unused(dev: &Path) -> Result<()> {
-    let busy =
-        || Error::FailedPrecondition(format!("device {} is in use (mounted?)", dev.display()));
-    let f = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL)
-        .open(dev)
-    {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Err(busy()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENXIO) => {
-            return Ok(());
-        }
-        Err(e) => return Err(Error::io("open loop device", dev, e)),
-    };
-    // Which file is ours: once detached, the loop number may at once be attached to another
-    // device file by a concurrent activate (LOOP_CTL_GET_FREE hands it out), so "a backing
-    // file is still there" alone does not mean ours is.
-    let backing = sysfs_loop_attr(dev, "backing_file");
-    let ours = fs::read_to_string(&backing).ok();
-    let still_ours = || ours.is_some() && fs::read_to_string(&backing).ok() == ours;
-    // SAFETY: LOOP_CLR_FD takes no argument; the fd is open.
-    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(()); // not attached
-        }
-        return Err(Error::io("LOOP_CLR_FD", dev, e));
-    }
-    // Our close is the last one unless someone else has the device open.
-    drop(f);
-    let waited = std::time::Instant::now();
-    while still_ours() {
-        if waited.elapsed() >= DETACH_WAIT {
-            return match keep_attached(dev) {
-                Ok(true) => Err(Error::FailedPrecondition(format!(
-                    "device {} is in use (open by another process)",
-                    dev.display()
-                ))),
-                Ok(false) => Ok(()),
-                Err(e) => Err(e),
-            };
-        }
-        sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
-/// Whether the loop device detaches at its last close (autoclear). Ours never attach with
-/// autoclear, so it marks a deferred deactivation still in use.
-fn detaching(dev: &Path) -> bool {
-    fs::read_to_string(sysfs_loop_attr(dev, "autoclear")).is_ok_and(|s| s.trim() == "1")
-}
-
-/// `LOOP_CLR_FD` on a device that someone else has open: the kernel sets autoclear and
-/// detaches it at the last close.
-fn detach_at_last_close(dev: &Path) -> Result<()> {
-    let f = match File::open(dev) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENXIO) => {
-            return Ok(());
-        }
-        Err(e) => return Err(Error::io("open loop device", dev, e)),
-    };
-    // SAFETY: LOOP_CLR_FD takes no argument; the fd is open.
-    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_CLR_FD, 0) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENXIO) {
-            return Err(Error::io("LOOP_CLR_FD", dev, e));
-        }
-    }
-    Ok(())
-}
-
-/// The first mount point (in this process's mount table) of the block device
-/// `major:minor`, if it is mounted.
-fn mount_point_of(major: u32, minor: u32) -> Result<Option<PathBuf>> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(|e| io_error("read", path, e))?;
-    let want = format!("{major}:{minor}");
-    Ok(text.lines().find_map(|l| {
-        let mut f = l.split(' ');
-        let (_id, _parent, dev, _root, target) =
-            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
-        (dev == want).then(|| PathBuf::from(unescape_mountinfo(target)))
-    }))
+    Ok(loopback::scan()?
+        .into_iter()
+        .filter(|a| a.backing.parent() == Some(devices))
+        .filter_map(|a| {
+            let id = a.backing.file_name()?.to_str().and_then(parse_id)?;
+            Some((id, a.dev))
+        })
+        .collect())
 }
 
 // From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
@@ -1203,38 +820,6 @@ fn freeze_and_thaw(mnt: &Path, major: u32, minor: u32) -> Result<()> {
         return Err(io_error("FITHAW", mnt, io::Error::last_os_error()));
     }
     Ok(())
-}
-
-/// Clears the autoclear flag a `LOOP_CLR_FD` set on a device still open elsewhere. Returns
-/// false if the device detached meanwhile.
-fn keep_attached(dev: &Path) -> Result<bool> {
-    let f = File::open(dev).map_err(|e| Error::io("open loop device", dev, e))?;
-    // SAFETY: LoopInfo64 is plain data of the kernel's layout; zeroes are a valid value.
-    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-    // SAFETY: the kernel fills `info`, which outlives the call.
-    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_GET_STATUS64, &mut info) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(false);
-        }
-        return Err(Error::io("LOOP_GET_STATUS64", dev, e));
-    }
-    info.lo_flags &= !LO_FLAGS_AUTOCLEAR;
-    // SAFETY: as above; the kernel reads `info`.
-    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_STATUS64, &info) } != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(false);
-        }
-        return Err(Error::io("LOOP_SET_STATUS64", dev, e));
-    }
-    Ok(true)
-}
-
-/// `/sys/block/<dev>/loop/<attr>`.
-fn sysfs_loop_attr(dev: &Path, attr: &str) -> PathBuf {
-    let name = dev.file_name().unwrap_or_default();
-    Path::new("/sys/block").join(name).join("loop").join(attr)
 }
 
 /// `struct fiemap` from `<linux/fiemap.h>`, without its extent array.
@@ -1391,14 +976,6 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo(r"/var/tmp/a\040b"), "/var/tmp/a b");
-        assert_eq!(unescape_mountinfo(r"/x\134y"), r"/x\y");
-        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
-    }
-
-    #[test]
     fn ids_are_canonical_decimals() {
         assert_eq!(parse_id("17").map(ThinId::get), Some(17));
         assert_eq!(parse_id("017"), None);
@@ -1414,9 +991,7 @@ mod tests {
     }
 
     #[test]
-    fn loop_info_has_the_kernel_layout() {
-        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
-        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    fn fiemap_structs_have_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<FiemapHeader>(), 32);
         assert_eq!(std::mem::size_of::<FiemapExtent>(), 56);
     }

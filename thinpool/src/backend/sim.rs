@@ -361,6 +361,7 @@ impl Backend for SimBackend {
             sync_dir(&self.devices)
         });
         let done = made.and_then(|()| {
+            failpoint::hit("sim:create_after_file");
             self.commit(|m| {
                 m.devices.insert(id, SimDevice { size });
                 Ok(())
@@ -403,6 +404,7 @@ impl Backend for SimBackend {
             sync_dir(&self.devices)
         });
         let done = made.and_then(|()| {
+            failpoint::hit("sim:create_after_file");
             self.commit(|m| {
                 m.devices.insert(id, SimDevice { size });
                 Ok(())
