@@ -45,7 +45,10 @@ const ABORT_POINTS: &[(&str, u32)] = &[
     ("grow:after_kernel", 1),
 ];
 /// Abort points of one backend.
-const SIM_POINTS: &[(&str, u32)] = &[("sim:delete_after_metadata", 4)];
+const SIM_POINTS: &[(&str, u32)] = &[
+    ("sim:create_after_file", 6),
+    ("sim:delete_after_metadata", 4),
+];
 const REFLINK_POINTS: &[(&str, u32)] = &[("grow:after_mount", 1)];
 const CREATE_POINTS: &[&str] = &["pool_create:after_store", "pool_create:after_mkfs"];
 /// Points armed with `=error`: the store write of a create's outcome fails once.
