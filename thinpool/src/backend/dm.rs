@@ -77,6 +77,14 @@ pub struct DmBackend {
     inactive_mapped: parking_lot::Mutex<HashMap<ThinId, Bytes>>,
 }
 
+/// What the kernel's status of one thin device says.
+enum ThinStatus {
+    Inactive,
+    Mapped(Bytes),
+    /// The pool has failed: no figures.
+    Failed,
+}
+
 /// The kernel names of a pool's objects.
 struct Names {
     tag: String,
@@ -632,6 +640,7 @@ impl DmBackend {
             let next = cur + 1;
             match self.pool_message(&format!("set_transaction_id {cur} {next}")) {
                 Ok(()) => {
+                    self.check_committed(next)?;
                     self.txn.fetch_max(next, Ordering::SeqCst);
                     return Ok(next);
                 }
@@ -649,6 +658,45 @@ impl DmBackend {
         Err(DmError::Dm(
             devicemapper::ErrorEnum::Error,
             "set_transaction_id kept losing races".into(),
+        ))
+    }
+
+    /// Whether the change that took the transaction id to `next` reached the metadata
+    /// device. The kernel commits after each message but ignores a failed commit: the
+    /// message succeeds, the kernel aborts the transaction (back to the last commit) and
+    /// turns the pool read-only or failed. So a change is durable only if, after it, the
+    /// pool is still writable and its id is at least `next`. Otherwise the change is
+    /// reported as failed, and its record (never acknowledged) is rolled back; recording
+    /// it would leave our records ahead of the pool's metadata, which the next open refuses.
+    fn check_committed(&self, next: u64) -> std::result::Result<(), DmError> {
+        let status = pool_status(
+            &self.dm,
+            &self.names.pool(),
+            DmOptions::default().set_flags(DmFlags::DM_NOFLUSH),
+        )?;
+        let why = match status {
+            ThinPoolStatus::Working(w)
+                if matches!(
+                    w.summary,
+                    ThinPoolStatusSummary::Good | ThinPoolStatusSummary::OutOfSpace
+                ) && w.transaction_id >= next =>
+            {
+                return Ok(());
+            }
+            ThinPoolStatus::Working(w) if w.transaction_id < next => format!(
+                "the pool's transaction id is {} after setting it to {next}",
+                w.transaction_id
+            ),
+            ThinPoolStatus::Working(w) => format!("the pool turned {:?}", w.summary),
+            other => format!("the pool turned {other:?}"),
+        };
+        warn!(transaction_id = next, %why, "a pool change may not have been committed");
+        Err(DmError::Dm(
+            ErrorEnum::Error,
+            format!(
+                "{why} as the change was committed: the kernel may have rolled it back (an \
+                 I/O error under the pool? see the kernel log)"
+            ),
         ))
     }
 
@@ -693,17 +741,35 @@ impl DmBackend {
         Ok(PathBuf::from(format!("/dev/dm-{}", info.device().minor)))
     }
 
-    /// Thin status of the device, if active: mapped sectors. `None`: not active.
+    /// Thin status of the device, if active: mapped sectors. `None`: not active. An active
+    /// device whose pool has failed has no figure (the kernel reports `Fail`): an error.
     fn thin_mapped(&self, id: ThinId) -> Result<Option<Bytes>> {
+        match self.thin_status(id)? {
+            ThinStatus::Inactive => Ok(None),
+            ThinStatus::Mapped(b) => Ok(Some(b)),
+            ThinStatus::Failed => Err(Error::FailedPrecondition(format!(
+                "thin device {id} reports Fail: its pool has failed, so its usage is unknown"
+            ))),
+        }
+    }
+
+    /// Thin status of the device: inactive, its mapped bytes, or failed (the pool failed:
+    /// the kernel prints `Fail`, or `-` for a device it could not open in the metadata).
+    fn thin_status(&self, id: ThinId) -> Result<ThinStatus> {
         let (_, lines) = match self
             .dm
             .table_status(&DevId::Name(&self.names.thin(id)), DmOptions::default())
         {
             Ok(s) => s,
-            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => {
+                return Ok(ThinStatus::Inactive);
+            }
             Err(e) => return Err(Error::dm(format!("status of thin {id}"), e)),
         };
         let line = lines.first().map(|l| l.3.as_str()).unwrap_or("");
+        if matches!(line.trim(), "Fail" | "-") {
+            return Ok(ThinStatus::Failed);
+        }
         let mapped: u64 = line
             .split_whitespace()
             .next()
@@ -713,7 +779,7 @@ impl DmBackend {
                 errno: None,
                 message: format!("unexpected status line {line:?}"),
             })?;
-        Ok(Some(Bytes(mapped * 512)))
+        Ok(ThinStatus::Mapped(Bytes(mapped * 512)))
     }
 
     fn create_thin_dev(
@@ -997,15 +1063,23 @@ impl Backend for DmBackend {
         loop {
             // The last status: a device that nobody has open has no write in flight, and a
             // device somebody opens in between fails the remove below.
-            let Some(last) = self.thin_mapped(id)? else {
-                return Ok(());
+            // A failed pool's devices have no status but must still go away (else the
+            // pool cannot be taken down for its repair); they leave no cached figure.
+            let last = match self.thin_status(id)? {
+                ThinStatus::Inactive => return Ok(()),
+                ThinStatus::Mapped(b) => Some(b),
+                ThinStatus::Failed => None,
             };
             match self
                 .dm
                 .device_remove(&DevId::Name(&name), DmOptions::default())
             {
                 Ok(_) => {
-                    self.inactive_mapped.lock().insert(id, last);
+                    let mut cache = self.inactive_mapped.lock();
+                    match last {
+                        Some(b) => cache.insert(id, b),
+                        None => cache.remove(&id),
+                    };
                     return Ok(());
                 }
                 Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {

@@ -62,18 +62,27 @@ impl Pool {
     /// The `min_free_space` guard: fails with `ResourceExhausted`, saying how to grow the
     /// pool, while free data space (or free metadata space, where it can run out) is below
     /// the setting. Docker checks the same before every create.
-    /// A failed pool (whose status reads as zero space) is refused here with
-    /// `FailedPrecondition`, not left to fail at the kernel.
+    /// A pool that is not writable (read-only or failed: an I/O error under it, or full
+    /// metadata) or whose metadata needs a check is refused here with `FailedPrecondition`
+    /// naming the mode, not left to fail at the kernel: a read-only pool refuses the
+    /// create message anyway, and a snapshot on metadata that needs a check could be lost
+    /// with the next repair.
     pub(super) fn check_free_space(&self) -> Result<()> {
         let min = self.settings().min_free_space;
         let st = self.backend.status()?;
         self.observe(&st);
-        if st.mode == PoolMode::Fail {
-            return Err(Error::FailedPrecondition(
-                "the pool has failed (its metadata needs a check and repair): no new \
-                 snapshots; restart thinpoold, which runs the check"
-                    .into(),
-            ));
+        if matches!(st.mode, PoolMode::Ro | PoolMode::Fail) || st.needs_check {
+            return Err(Error::FailedPrecondition(format!(
+                "the pool's mode is {}{}: no new snapshots until it is repaired; clear the \
+                 fault under it, take it down (thinctl pool down) and restart thinpoold, \
+                 which checks the metadata (docs/recovery.md)",
+                st.mode,
+                if st.needs_check {
+                    " and its metadata needs a check"
+                } else {
+                    ""
+                }
+            )));
         }
         if min.0 == 0 {
             return Ok(());
