@@ -478,7 +478,10 @@ impl<'a> World<'a> {
             ensure!(
                 t0.elapsed() < Duration::from_secs(120),
                 "thinpoold not ready in 120 s:\n{}",
-                self.daemon.as_ref().map(Daemon::log_tail).unwrap_or_default()
+                self.daemon
+                    .as_ref()
+                    .map(Daemon::log_tail)
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -665,7 +668,39 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(dir: PathBuf) -> Writer {
+    /// The container: a new 64 KiB file, fsynced with its directory, every 50 ms.
+    fn files(dir: PathBuf) -> Writer {
+        Writer::start(Duration::from_millis(50), move |i| {
+            let mut f = fs::File::create(dir.join(format!("w{}", i % 400)))?;
+            f.write_all(&content(i, 64 * 1024))?;
+            f.sync_all()?;
+            fs::File::open(&dir)?.sync_all()
+        })
+    }
+
+    /// A raw thin device (no filesystem to give up after the first error): 64 KiB at the
+    /// next offset, then fdatasync, every 20 ms. Each write maps a new block and each flush
+    /// makes the pool commit its metadata, flushing its data device first: the commits
+    /// that meet a fault under the pool, long after a container's filesystem has turned
+    /// itself read-only.
+    fn raw(node: PathBuf, len: u64) -> Writer {
+        let mut file = None;
+        Writer::start(Duration::from_millis(20), move |i| {
+            use std::os::unix::fs::FileExt;
+            if file.is_none() {
+                file = Some(fs::OpenOptions::new().write(true).open(&node)?);
+            }
+            let f = file.as_ref().expect("just opened");
+            let chunk = 64 * 1024u64;
+            f.write_all_at(&content(i, chunk as usize), (i * chunk) % len)?;
+            f.sync_data()
+        })
+    }
+
+    fn start(
+        pause: Duration,
+        mut step: impl FnMut(u64) -> std::io::Result<()> + Send + 'static,
+    ) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
@@ -675,13 +710,7 @@ impl Writer {
             let mut i = 0u64;
             while !s.load(Ordering::SeqCst) {
                 i += 1;
-                let r = (|| -> std::io::Result<()> {
-                    let mut f = fs::File::create(dir.join(format!("w{}", i % 400)))?;
-                    f.write_all(&content(i, 64 * 1024))?;
-                    f.sync_all()?;
-                    fs::File::open(&dir)?.sync_all()
-                })();
-                match r {
+                match step(i) {
                     Ok(()) => {
                         k.fetch_add(1, Ordering::SeqCst);
                     }
@@ -690,8 +719,9 @@ impl Writer {
                         *l.lock().unwrap_or_else(|p| p.into_inner()) = err.to_string();
                     }
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(pause);
             }
+            // The step (and any device it holds open) is dropped here.
         });
         Writer {
             stop,
@@ -700,6 +730,25 @@ impl Writer {
             last_error,
             handle: Some(handle),
         }
+    }
+
+    /// "WHAT writes ok N, failed M (last error)".
+    fn counts(&self, what: &str) -> String {
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        format!(
+            "{what} writes ok {}, failed {}{}",
+            self.ok.load(Ordering::SeqCst),
+            self.errors.load(Ordering::SeqCst),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(" ({last})")
+            }
+        )
     }
 
     /// Stops the loop; fails if its last write does not return within [`CALL_LIMIT`].
@@ -756,6 +805,7 @@ fn check_faulted(
     case: &Case,
     w: &mut World<'_>,
     writer: &Writer,
+    raw: &Writer,
     t_fault: Instant,
 ) -> Result<String> {
     let pool = w.pool_name()?;
@@ -768,10 +818,10 @@ fn check_faulted(
             }
             ensure!(
                 t_fault.elapsed() < bound,
-                "the pool is still rw {} s after the fault (writes ok {}, errors {})",
+                "the pool is still rw {} s after the fault ({}; {})",
                 bound.as_secs(),
-                writer.ok.load(Ordering::SeqCst),
-                writer.errors.load(Ordering::SeqCst)
+                writer.counts("container"),
+                raw.counts("raw device")
             );
             std::thread::sleep(Duration::from_millis(100));
         },
@@ -852,13 +902,12 @@ fn check_faulted(
         );
     }
     Ok(format!(
-        "kernel {}{} after {:.1} s; container writes ok {}, failed {} ({})",
+        "kernel {}{} after {:.1} s; {}; {}",
         seen.mode,
         if seen.needs_check { "+needs_check" } else { "" },
         left_after.as_secs_f64(),
-        writer.ok.load(Ordering::SeqCst),
-        writer.errors.load(Ordering::SeqCst),
-        writer.last_error.lock().unwrap_or_else(|p| p.into_inner())
+        writer.counts("container"),
+        raw.counts("raw device")
     ))
 }
 
@@ -870,14 +919,26 @@ fn run_case(case: &Case, w: &mut World<'_>) -> Result<String> {
     make_layer(w, "l2", Some("l1"), 2, &mut sums2)?;
     w.thinctl(&["snapshot", "prepare", "ctr", "l2"])?;
     let ctr = w.mount("ctr")?;
-    let mut writer = Writer::start(ctr.clone());
-    // Some writes before the fault: the loop runs.
+    let mut writer = Writer::files(ctr.clone());
+    // A second container uses its device raw (see Writer::raw).
+    w.thinctl(&["snapshot", "prepare", "raw", "l2"])?;
+    w.thinctl(&["device", "activate", "raw"])?;
+    let mounts: serde_json::Value =
+        serde_json::from_str(&w.thinctl(&["snapshot", "mounts", "raw", "--json"])?)?;
+    let node = PathBuf::from(
+        mounts[0]["source"]
+            .as_str()
+            .context("no source in the raw snapshot's mounts")?,
+    );
+    let mut raw = Writer::raw(node, 256 << 20);
+    // Some writes before the fault: the loops run.
     let t0 = Instant::now();
-    while writer.ok.load(Ordering::SeqCst) < 3 {
+    while writer.ok.load(Ordering::SeqCst) < 3 || raw.ok.load(Ordering::SeqCst) < 3 {
         ensure!(
             t0.elapsed() < CALL_LIMIT,
-            "the container's writes do not succeed before the fault: {}",
-            writer.last_error.lock().unwrap_or_else(|p| p.into_inner())
+            "the writes do not succeed before the fault: {}; {}",
+            writer.counts("container"),
+            raw.counts("raw device")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -891,13 +952,15 @@ fn run_case(case: &Case, w: &mut World<'_>) -> Result<String> {
     );
     let mut fault = Fault::inject(&linear, case.kind)?;
     let t_fault = Instant::now();
-    let seen = check_faulted(case, w, &writer, t_fault);
-    // Recovery, as docs/recovery.md says: clear the fault first.
+    let seen = check_faulted(case, w, &writer, &raw, t_fault);
+    // Recovery, as docs/recovery.md says: clear the fault first, stop the containers.
     let cleared = fault.clear();
     let stopped = writer.stop();
+    let raw_stopped = raw.stop();
     let seen = seen?;
     cleared?;
     stopped?;
+    raw_stopped?;
     w.umount(&ctr)?;
     // Take the pool down (thinpoold exits), check the metadata by hand (the kernel may not
     // have managed to set needs_check on a failing metadata device), start again.
