@@ -950,14 +950,38 @@ fn run_case(case: &Case, w: &mut World<'_>) -> Result<String> {
             Target::Meta => "meta",
         }
     );
+    // Prepares racing the fault: one that thinpoold acknowledged must survive the
+    // recovery, whatever the kernel did with the commit under it.
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut preparer = {
+        let (acked, thinctl, socket) = (acked.clone(), w.o.thinctl.clone(), w.socket.clone());
+        Writer::start(Duration::from_millis(100), move |i| {
+            let key = format!("race-{i}");
+            let o = run_limited(
+                Command::new(&thinctl)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["snapshot", "prepare", &key, "l2"]),
+            )
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            if o.status.success() {
+                acked.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+                Ok(())
+            } else {
+                Err(std::io::Error::other(o.stderr.trim().to_string()))
+            }
+        })
+    };
     let mut fault = Fault::inject(&linear, case.kind)?;
     let t_fault = Instant::now();
     let seen = check_faulted(case, w, &writer, &raw, t_fault);
+    let prepared = preparer.stop();
     // Recovery, as docs/recovery.md says: clear the fault first, stop the containers.
     let cleared = fault.clear();
     let stopped = writer.stop();
     let raw_stopped = raw.stop();
-    let seen = seen?;
+    let seen = format!("{}; {}", seen?, preparer.counts("racing prepares"));
+    prepared?;
     cleared?;
     stopped?;
     raw_stopped?;
@@ -984,6 +1008,11 @@ fn run_case(case: &Case, w: &mut World<'_>) -> Result<String> {
     );
     w.thinctl(&["pool", "audit"])
         .context("audit after recovery")?;
+    let acked = acked.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for key in &acked {
+        w.thinctl(&["snapshot", "info", key])
+            .with_context(|| format!("the acknowledged Prepare of {key} did not survive"))?;
+    }
     verify_layer(w, "l1", &sums1)?;
     verify_layer(w, "l2", &sums2)?;
     // The pool serves again: a new snapshot works.
