@@ -577,10 +577,10 @@ impl<'a> World<'a> {
         }
         for f in ["data", "metadata"] {
             let file = self.root.join(f);
-            if let Ok(Some(dev)) = thinpool::loopback::find(&file) {
-                if let Err(e) = thinpool::loopback::detach(&dev) {
-                    println!("note: cleanup: could not detach {}: {e}", dev.display());
-                }
+            if let Ok(Some(dev)) = thinpool::loopback::find(&file)
+                && let Err(e) = thinpool::loopback::detach(&dev)
+            {
+                println!("note: cleanup: could not detach {}: {e}", dev.display());
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -740,7 +740,7 @@ impl Writer {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         format!(
-            "{what} writes ok {}, failed {}{}",
+            "{what}: ok {}, failed {}{}",
             self.ok.load(Ordering::SeqCst),
             self.errors.load(Ordering::SeqCst),
             if last.is_empty() {
@@ -820,8 +820,8 @@ fn check_faulted(
                 t_fault.elapsed() < bound,
                 "the pool is still rw {} s after the fault ({}; {})",
                 bound.as_secs(),
-                writer.counts("container"),
-                raw.counts("raw device")
+                writer.counts("container writes"),
+                raw.counts("raw device writes")
             );
             std::thread::sleep(Duration::from_millis(100));
         },
@@ -906,8 +906,8 @@ fn check_faulted(
         seen.mode,
         if seen.needs_check { "+needs_check" } else { "" },
         left_after.as_secs_f64(),
-        writer.counts("container"),
-        raw.counts("raw device")
+        writer.counts("container writes"),
+        raw.counts("raw device writes")
     ))
 }
 
@@ -937,8 +937,8 @@ fn run_case(case: &Case, w: &mut World<'_>) -> Result<String> {
         ensure!(
             t0.elapsed() < CALL_LIMIT,
             "the writes do not succeed before the fault: {}; {}",
-            writer.counts("container"),
-            raw.counts("raw device")
+            writer.counts("container writes"),
+            raw.counts("raw device writes")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1051,14 +1051,14 @@ fn main() -> std::process::ExitCode {
         let t0 = Instant::now();
         let r = World::new(&o, case.name).and_then(|mut w| {
             let r = run_case(case, &mut w);
-            if r.is_err() {
-                if let Some(d) = &w.daemon {
-                    println!(
-                        "--- {}: thinpoold log tail ---\n{}",
-                        case.name,
-                        d.log_tail()
-                    );
-                }
+            if r.is_err()
+                && let Some(d) = &w.daemon
+            {
+                println!(
+                    "--- {}: thinpoold log tail ---\n{}",
+                    case.name,
+                    d.log_tail()
+                );
             }
             w.cleanup();
             r
