@@ -183,6 +183,59 @@ impl Store {
         })
     }
 
+    /// Writes a copy of the whole store, as of one read transaction, to a new database at
+    /// `dest` (0600), and returns the transaction id and device count of that copy. The copy
+    /// is consistent however many writers run meanwhile: it is a fresh database built from
+    /// one snapshot, not the file's bytes (a file copy could catch a commit half-written).
+    pub fn copy_to(&self, dest: &Path) -> Result<(u64, u64)> {
+        guarded(&self.path, || {
+            let src = self.db.begin_read()?;
+            let db = Database::create(dest)?;
+            crate::fsutil::make_private(dest)?;
+            let txn = db.begin_write()?;
+            {
+                let from = src.open_table(META)?;
+                let mut to = txn.open_table(META)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(DEVICES)?;
+                let mut to = txn.open_table(DEVICES)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(NAMES)?;
+                let mut to = txn.open_table(NAMES)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(CHILDREN)?;
+                let mut to = txn.open_table(CHILDREN)?;
+                for e in from.iter()? {
+                    let (k, _) = e?;
+                    to.insert(k.value(), ())?;
+                }
+                let mut to = txn.open_table(QUARANTINE)?;
+                match src.open_table(QUARANTINE) {
+                    Ok(from) => {
+                        for e in from.iter()? {
+                            let (k, v) = e?;
+                            to.insert(k.value(), v.value())?;
+                        }
+                    }
+                    Err(redb::TableError::TableDoesNotExist(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            txn.commit()?;
+            let view = ReadView { txn: src };
+            Ok((view.transaction_id()?, view.device_count()?))
+        })
+    }
+
     /// Checks the invariants the engine keeps between the tables: every name belongs to one
     /// record and the names index agrees; parents and children exist (a record being deleted
     /// may outlive its parent: removals of a chain are deferred in any order); the base

@@ -605,6 +605,21 @@ impl DmBackend {
         Ok(())
     }
 
+    /// Whether the pool named by `settings` is live in the kernel (its thin-pool device
+    /// exists). A pool that is not live is opened "from cold", and only then may its
+    /// metadata be read or replaced offline (thin_check, thin_repair, thin_restore).
+    pub fn pool_is_live(settings: &PoolSettings) -> Result<bool> {
+        let dm = DM::new().map_err(dm_err("open /dev/mapper/control"))?;
+        let names = Names {
+            tag: settings.tag.clone(),
+        };
+        match dm.device_info(&DevId::Name(&names.pool())) {
+            Ok(_) => Ok(true),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => Ok(false),
+            Err(e) => Err(Error::dm("look up the thin-pool", e)),
+        }
+    }
+
     /// Removes a half-created pool's kernel objects and loop devices. Fails, leaving the
     /// loop devices, when a device-mapper device cannot be removed (it is in use).
     pub fn scrub(paths: &PoolPaths, settings: &PoolSettings) -> Result<()> {
@@ -1166,6 +1181,39 @@ impl Backend for DmBackend {
         }
         info!(size = %size, "pool metadata grown");
         Ok(())
+    }
+
+    fn dump_metadata(&self, out: &Path) -> Result<bool> {
+        let _snap = self.metadata_snap.lock();
+        match self.pool_message("reserve_metadata_snap") {
+            Ok(()) => {}
+            // As in thin_ls: under our lock only a crashed run of ours can hold one.
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
+                warn!("a metadata snapshot was held already; releasing it and retrying");
+                self.pool_message("release_metadata_snap")
+                    .map_err(dm_err("release a held metadata snapshot"))?;
+                self.pool_message("reserve_metadata_snap")
+                    .map_err(dm_err("reserve_metadata_snap"))?;
+            }
+            Err(e) => return Err(Error::dm("reserve_metadata_snap", e)),
+        }
+        failpoint::hit("backup:after_reserve");
+        let dumped = fsutil::run(
+            "thin_dump",
+            &[
+                "-m".as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                self.meta_node.as_os_str(),
+            ],
+        );
+        // Released whatever the dump did: a held snapshot blocks every later thin_ls.
+        let released = self
+            .pool_message("release_metadata_snap")
+            .map_err(dm_err("release_metadata_snap"));
+        dumped?;
+        released?;
+        Ok(true)
     }
 
     fn metadata_grows(&self) -> bool {
