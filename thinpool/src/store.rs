@@ -546,6 +546,16 @@ impl WriteView<'_> {
     /// Picks an unused thin id. Ids come from a wrapping counter, so an id is reused only
     /// after the other 2^24 - 1 have been handed out, and never while any record (including
     /// one whose delete is not yet committed) holds it.
+    /// Makes later allocations start past `id`: an id the backend holds without a record
+    /// (devices made after a restored backup) must never be handed out again.
+    pub fn skip_ids_through(&mut self, id: ThinId) -> Result<()> {
+        let next = self.meta::<u32>(K_NEXT_ID)?.unwrap_or(0);
+        if next <= id.get() {
+            self.set_meta(K_NEXT_ID, &id.next_wrapping().get())?;
+        }
+        Ok(())
+    }
+
     pub fn allocate_id(&mut self) -> Result<ThinId> {
         let start = ThinId::new(self.meta::<u32>(K_NEXT_ID)?.unwrap_or(0))?;
         let devices = self.txn.open_table(DEVICES)?;

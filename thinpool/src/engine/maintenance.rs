@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -342,8 +343,10 @@ fn open_and_reconcile(spec: &PoolSpec, lock: File, report: &mut MaintenanceRepor
         report.lost.push(LostDevice { id: *id, name });
     }
     report.leaked = audit.leaked.clone();
-    if !report.leaked.is_empty() {
+    if let Some(max) = report.leaked.iter().max() {
         warn!(ids = ?report.leaked, "devices in the pool's metadata without a record (leaked)");
+        // Our id counter came back with the store; a new device must not take one of these.
+        pool.store.write(|w| w.skip_ids_through(*max))?;
     }
     pool.teardown()?;
     Ok(())
@@ -441,13 +444,7 @@ impl Pool {
         let dir = backups_dir(&self.paths.root);
         fsutil::create_private_dir(&dir).map_err(|e| Error::io("create backups dir", &dir, e))?;
         let unix = now_unix();
-        let mut created = utc_stamp(unix);
-        // Two backups in one second: the second gets a suffix (names still sort by time).
-        let mut n = 1;
-        while dir.join(&created).exists() {
-            n += 1;
-            created = format!("{}-{n}", utc_stamp(unix));
-        }
+        let created = backup_name(&dir, &utc_stamp(unix))?;
         let tmp = dir.join(format!(".tmp-{created}"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(|e| Error::io("remove", &tmp, e))?;
@@ -524,7 +521,33 @@ impl Pool {
     }
 }
 
-use std::os::unix::fs::OpenOptionsExt;
+/// The name of a new backup taken at `stamp`: the stamp, or with several in one second
+/// `<stamp>-002`, `-003`, ... past the highest there (pruning removes the oldest, never the
+/// newest), so that names always sort in the order the backups were taken.
+fn backup_name(dir: &Path, stamp: &str) -> Result<String> {
+    let mut highest = 0u32;
+    for e in fs::read_dir(dir).map_err(|e| Error::io("list backups", dir, e))? {
+        let name = e
+            .map_err(|e| Error::io("list backups", dir, e))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        match name.strip_prefix(stamp) {
+            Some("") => highest = highest.max(1),
+            Some(rest) => {
+                if let Some(n) = rest.strip_prefix('-').and_then(|n| n.parse::<u32>().ok()) {
+                    highest = highest.max(n);
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(if highest == 0 {
+        stamp.to_string()
+    } else {
+        format!("{stamp}-{:03}", highest + 1)
+    })
+}
 
 /// Removes all but the newest `keep` backups, and temporary directories of backups a crash
 /// interrupted (only one backup runs at a time, under the pool's backup lock).
