@@ -311,7 +311,7 @@ impl DmBackend {
                 features.clone(),
             )
             .map_err(dm_err("set up thin-pool"))?;
-            Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features)?
+            Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features, &paths.root)?
         };
         let pool_dev = pool.device();
         let meta_node = pool.meta_dev().devnode();
@@ -448,6 +448,7 @@ impl DmBackend {
         block_sectors: DmSectors,
         lwm: DmDataBlocks,
         features: Vec<String>,
+        root: &Path,
     ) -> Result<ThinPoolDev> {
         let needs_check = match pool.status(dm, DmOptions::default()) {
             Ok(ThinPoolStatus::Working(w)) => w.needs_check,
@@ -494,10 +495,9 @@ impl DmBackend {
         ) {
             return Err(Error::Inconsistent(format!(
                 "thin_check found damage in the pool metadata ({e}); the pool is down and \
-                 its devices stay inactive. Repair: `thin_repair -i {} -o NEW` onto a fresh \
-                 file of the same size, check it with `thin_check NEW`, and swap it in for \
-                 the metadata file while thinpoold is stopped (docs/recovery.md)",
-                meta_node.display()
+                 its devices stay inactive. Repair it offline with `thinctl pool repair \
+                 --root {}` (docs/recovery.md)",
+                root.display()
             )));
         }
         let meta = LinearDev::setup(
