@@ -444,7 +444,10 @@ mod tests {
             data_size: Some(Bytes::gib(4)),
             ..Flags::default()
         };
-        assert_eq!(parse_duration("6h"), Ok(std::time::Duration::from_secs(21_600)));
+        assert_eq!(
+            parse_duration("6h"),
+            Ok(std::time::Duration::from_secs(21_600))
+        );
         assert_eq!(parse_duration("0"), Ok(std::time::Duration::ZERO));
         assert!(parse_duration("5y").is_err());
         let c = Config::merge(flags, file).unwrap();

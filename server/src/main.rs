@@ -390,8 +390,12 @@ async fn periodic_backups(pool: AsyncPool, every: std::time::Duration, keep: usi
     loop {
         tick.tick().await;
         match pool.run(move |p| p.backup(keep)).await {
-            Ok(b) => info!(path = %b.path.display(), removed = b.removed.len(), "periodic backup taken"),
-            Err(e) => warn!(error = %e, "periodic backup failed; trying again at the next interval"),
+            Ok(b) => {
+                info!(path = %b.path.display(), removed = b.removed.len(), "periodic backup taken")
+            }
+            Err(e) => {
+                warn!(error = %e, "periodic backup failed; trying again at the next interval")
+            }
         }
     }
 }
@@ -400,7 +404,11 @@ async fn periodic_backups(pool: AsyncPool, every: std::time::Duration, keep: usi
 /// error (a non-zero exit) if it failed.
 async fn offline(spec: PoolSpec, restore: Option<PathBuf>, json: bool) -> Result<()> {
     let root = spec.root.clone();
-    let what = if restore.is_some() { "restore" } else { "repair" };
+    let what = if restore.is_some() {
+        "restore"
+    } else {
+        "repair"
+    };
     info!(root = %root.display(), "{what} (offline)");
     let res = tokio::task::spawn_blocking(move || match &restore {
         Some(b) => thinpool::engine::restore(&spec, b),
@@ -415,7 +423,11 @@ async fn offline(spec: PoolSpec, restore: Option<PathBuf>, json: bool) -> Result
             } else {
                 println!("{}", r.summary);
                 for l in &r.lost {
-                    println!("lost: thin {} {}", l.id, l.name.as_ref().map_or("", |n| n.as_str()));
+                    println!(
+                        "lost: thin {} {}",
+                        l.id,
+                        l.name.as_ref().map_or("", |n| n.as_str())
+                    );
                 }
                 for id in &r.leaked {
                     println!("leaked: thin {id}");

@@ -177,7 +177,10 @@ fn backup_under_writes_then_restore_gives_the_backups_records() {
                 .map(|r| r.id)
                 .filter(|id| !ours.contains(id))
                 .collect();
-            assert_eq!(report.leaked.iter().copied().collect::<BTreeSet<_>>(), later);
+            assert_eq!(
+                report.leaked.iter().copied().collect::<BTreeSet<_>>(),
+                later
+            );
             assert_eq!(audit.leaked, report.leaked);
             assert!(audit.missing.is_empty(), "{audit:?}");
         }
@@ -283,7 +286,11 @@ fn repair_of_a_healthy_pool_changes_nothing() {
             BackendKind::Dm => assert_eq!(r.metadata_healthy, Some(true)),
             _ => assert!(r.summary.contains("no kernel metadata to repair"), "{r:?}"),
         }
-        assert_eq!(listing(&root), files, "repair of a healthy pool made or removed files");
+        assert_eq!(
+            listing(&root),
+            files,
+            "repair of a healthy pool made or removed files"
+        );
     }
     tp.pool = Some(open(&spec));
     assert_eq!(essentials(&tp.pool().devices().unwrap()), essentials(&recs));
@@ -393,17 +400,26 @@ fn backup_killed_at_each_point_leaves_a_pool_that_opens() {
         tp.assert_audit_clean();
         // No half-made backup counts as one, and the next backup works (dm: the metadata
         // snapshot the kill left held was released at open).
-        assert!(backups(&root).iter().all(|b| b.starts_with(".tmp-")), "{:?}", backups(&root));
+        assert!(
+            backups(&root).iter().all(|b| b.starts_with(".tmp-")),
+            "{:?}",
+            backups(&root)
+        );
         let b = tp.pool().backup(5).unwrap();
-        assert_eq!(backups(&root), vec![b.created.clone()], "after a kill at {point}");
+        assert_eq!(
+            backups(&root),
+            vec![b.created.clone()],
+            "after a kill at {point}"
+        );
         std::fs::remove_dir_all(&b.path).unwrap();
     }
     assert_eq!(layer_content(&mut tp, "l1"), b"content");
 }
 
-/// Zeroes one space-map block of a dm metadata file (an index or bitmap block: header
-/// flags 0, its own block number in the header): thin_check fails on its checksum, and
-/// thin_repair rebuilds every space map from the btrees, so no device is lost.
+/// Zeroes the metadata space map's index block of a dm metadata file (its block number is
+/// in the superblock's `metadata_space_map_root`, at byte 208): thin_check fails on its
+/// checksum, and thin_repair rebuilds every space map from the btrees, so no device is
+/// lost. (A block found by its header alone may be a stale copy the pool no longer uses.)
 fn damage_space_map(metadata: &Path) -> u64 {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut f = std::fs::OpenOptions::new()
@@ -411,20 +427,18 @@ fn damage_space_map(metadata: &Path) -> u64 {
         .write(true)
         .open(metadata)
         .unwrap();
-    let mut block = vec![0u8; 4096];
-    for i in 1..4096u64 {
-        f.seek(SeekFrom::Start(i * 4096)).unwrap();
-        f.read_exact(&mut block).unwrap();
-        let flags = u32::from_le_bytes(block[4..8].try_into().unwrap());
-        let nr = u64::from_le_bytes(block[8..16].try_into().unwrap());
-        if flags == 0 && nr == i && block[16..].iter().any(|&b| b != 0) {
-            f.seek(SeekFrom::Start(i * 4096)).unwrap();
-            f.write_all(&vec![0u8; 4096]).unwrap();
-            f.sync_all().unwrap();
-            return i;
-        }
-    }
-    panic!("no space-map block in the first 16 MiB of {}", metadata.display());
+    let mut sb = vec![0u8; 4096];
+    f.read_exact(&mut sb).unwrap();
+    let index = u64::from_le_bytes(sb[208..216].try_into().unwrap());
+    let blocks = f.metadata().unwrap().len() / 4096;
+    assert!(
+        index > 0 && index < blocks,
+        "index block {index} of {blocks}"
+    );
+    f.seek(SeekFrom::Start(index * 4096)).unwrap();
+    f.write_all(&[0u8; 4096]).unwrap();
+    f.sync_all().unwrap();
+    index
 }
 
 fn thin_check_passes(file: &Path) -> bool {
@@ -450,7 +464,10 @@ fn dm_repair_damaged_metadata() {
     tp.close(true);
     let meta = root.join("metadata");
     let block = damage_space_map(&meta);
-    assert!(!thin_check_passes(&meta), "zeroed block {block}: thin_check still passes");
+    assert!(
+        !thin_check_passes(&meta),
+        "zeroed block {block}: thin_check still passes"
+    );
 
     let err = Pool::open(&spec).err().expect("open of damaged metadata");
     let msg = err.to_string();
@@ -459,13 +476,22 @@ fn dm_repair_damaged_metadata() {
         "{msg}"
     );
     let r = engine::repair(&spec).expect("repair");
-    assert!(r.metadata_replaced && r.metadata_healthy == Some(false), "{r:?}");
+    assert!(
+        r.metadata_replaced && r.metadata_healthy == Some(false),
+        "{r:?}"
+    );
     assert!(r.lost.is_empty() && r.leaked.is_empty(), "{r:?}");
-    assert!(r.kept[0].exists() && !thin_check_passes(&r.kept[0]), "damaged copy kept");
+    assert!(
+        r.kept[0].exists() && !thin_check_passes(&r.kept[0]),
+        "damaged copy kept"
+    );
     assert!(thin_check_passes(&meta));
     // Run again: healthy, nothing changed.
     let again = engine::repair(&spec).expect("repair again");
-    assert!(!again.metadata_replaced && again.metadata_healthy == Some(true), "{again:?}");
+    assert!(
+        !again.metadata_replaced && again.metadata_healthy == Some(true),
+        "{again:?}"
+    );
 
     tp.pool = Some(open(&spec));
     assert_eq!(essentials(&tp.pool().devices().unwrap()), recs);
@@ -516,7 +542,11 @@ fn dm_repair_killed_at_each_step_repairs_when_run_again() {
         assert!(r.lost.is_empty(), "{r:?}");
         assert!(thin_check_passes(&meta), "after {point}");
         tp.pool = Some(open(&spec));
-        assert_eq!(essentials(&tp.pool().devices().unwrap()), recs, "after {point}");
+        assert_eq!(
+            essentials(&tp.pool().devices().unwrap()),
+            recs,
+            "after {point}"
+        );
         assert_eq!(layer_content(&mut tp, "l1"), b"survives", "after {point}");
         tp.assert_audit_clean();
     }

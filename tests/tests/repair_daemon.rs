@@ -59,7 +59,11 @@ fn thinctl_backup_repair_restore() {
     // Periodic backups, the newest two kept.
     let deadline = Instant::now() + Duration::from_secs(30);
     while backups(&root).len() < 2 {
-        assert!(Instant::now() < deadline, "no periodic backups:\n{}", d.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no periodic backups:\n{}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(2500));

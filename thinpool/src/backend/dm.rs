@@ -805,6 +805,21 @@ impl DmBackend {
     }
 }
 
+/// Sets `nr_data_blocks` in the superblock line of a `thin_dump` XML file to `blocks`, if
+/// the dump said 0.
+fn fix_nr_data_blocks(xml: &Path, blocks: u64) -> Result<()> {
+    let text = fs::read_to_string(xml).map_err(|e| Error::io("read", xml, e))?;
+    let (first, rest) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+    if !first.starts_with("<superblock") || !first.contains(" nr_data_blocks=\"0\"") {
+        return Ok(());
+    }
+    let first = first.replace(
+        " nr_data_blocks=\"0\"",
+        &format!(" nr_data_blocks=\"{blocks}\""),
+    );
+    fs::write(xml, format!("{first}\n{rest}")).map_err(|e| Error::io("write", xml, e))
+}
+
 /// `thin_ls` mapped bytes of every device in the pool's metadata.
 fn parse_thin_ls_mapped(listed: &str) -> Result<BTreeMap<ThinId, Bytes>> {
     let mut out = BTreeMap::new();
@@ -1213,6 +1228,11 @@ impl Backend for DmBackend {
             .map_err(dm_err("release_metadata_snap"));
         dumped?;
         released?;
+        // The kernel wipes the space map roots in the snapshot's superblock, so the dump
+        // says the data device has 0 blocks, which thin_restore then refuses ("mapping
+        // beyond end of data device"): put the pool's data size back.
+        let total = self.working_status()?.usage.total_data.0;
+        fix_nr_data_blocks(out, total)?;
         Ok(true)
     }
 

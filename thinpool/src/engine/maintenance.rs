@@ -222,10 +222,16 @@ fn swap_in(new: &Path, file: &Path) -> Result<()> {
 /// A fresh spare file for new metadata next to the metadata file: sparse, 0600, as long as
 /// the metadata file. A spare a crash left behind is not in use (the metadata file is only
 /// replaced by renaming a finished spare) and is made again.
-fn fresh_spare(paths: &PoolPaths, suffix: &str) -> Result<PathBuf> {
+fn fresh_spare(paths: &PoolPaths, suffix: &str, settings: &PoolSettings) -> Result<PathBuf> {
     let spare = paths.root.join(format!("metadata.{suffix}"));
     super::remove_if_exists(&spare)?;
-    loopback::create_sparse(&spare, loopback::file_len(&paths.metadata_file)?)?;
+    // A metadata file that is gone (what a restore may be for) had the pool's size.
+    let len = if paths.metadata_file.exists() {
+        loopback::file_len(&paths.metadata_file)?.max(settings.metadata_size.0)
+    } else {
+        settings.metadata_size.0
+    };
+    loopback::create_sparse(&spare, len)?;
     Ok(spare)
 }
 
@@ -240,7 +246,7 @@ fn clear_kernel_leftovers(paths: &PoolPaths, settings: &PoolSettings) -> Result<
 /// `metadata.damaged-<ts>` and swap the spare in. Returns the kept copy.
 fn swap_in_repaired(paths: &PoolPaths, settings: &PoolSettings) -> Result<PathBuf> {
     clear_kernel_leftovers(paths, settings)?;
-    let spare = fresh_spare(paths, "repair")?;
+    let spare = fresh_spare(paths, "repair", settings)?;
     info!(from = %paths.metadata_file.display(), to = %spare.display(),
         "thin_repair into a spare metadata file");
     if let Err(e) = fsutil::run(
@@ -284,11 +290,13 @@ fn swap_in_repaired(paths: &PoolPaths, settings: &PoolSettings) -> Result<PathBu
 
 /// Takes the root's lock for an offline command, saying what to do when a daemon holds it.
 fn lock_offline(paths: &PoolPaths, what: &str) -> Result<File> {
-    if !paths.store_file.exists() {
+    // A restore may be what brings a lost store back; the data file is the pool.
+    if !paths.store_file.exists() && !paths.data_file.exists() {
         return Err(Error::NotFound(format!(
-            "no pool at {} (no {})",
+            "no pool at {} (neither {} nor {})",
             paths.root.display(),
-            paths.store_file.display()
+            paths.store_file.display(),
+            paths.data_file.display()
         )));
     }
     lock_root(paths).map_err(|e| {
@@ -314,8 +322,9 @@ fn settings_of(paths: &PoolPaths) -> Result<PoolSettings> {
 fn refuse_live(settings: &PoolSettings, what: &str) -> Result<()> {
     if settings.backend == BackendKind::Dm && DmBackend::pool_is_live(settings)? {
         return Err(Error::FailedPrecondition(format!(
-            "the pool is live in the kernel; {what} needs it down: run `thinctl pool down` \
-             (stops thinpoold and takes the pool down), then try again"
+            "the pool is live in the kernel (a stopped thinpoold leaves it up for the \
+             containers using it); {what} needs it down: with thinpoold running, \
+             `thinctl pool down` takes it down and stops thinpoold; then try again"
         )));
     }
     Ok(())
@@ -591,7 +600,10 @@ fn verified_manifest(backup: &Path) -> Result<Manifest> {
         _ => Error::io("read", &mpath, e),
     })?;
     let m: Manifest = serde_json::from_slice(&text).map_err(|e| {
-        Error::InvalidArgument(format!("the backup manifest {} is unreadable: {e}", mpath.display()))
+        Error::InvalidArgument(format!(
+            "the backup manifest {} is unreadable: {e}",
+            mpath.display()
+        ))
     })?;
     if m.version != MANIFEST_VERSION {
         return Err(Error::InvalidArgument(format!(
@@ -642,8 +654,15 @@ pub fn restore(spec: &PoolSpec, backup: &Path) -> Result<MaintenanceReport> {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "the pool's store is unreadable; restoring it from the backup");
-            let copy = Store::open(&backup.join(BACKUP_STORE)).map_err(store_damaged)?;
-            copy.read(|r| r.settings())?
+            // Read from a copy: opening the backup's own file could change it (and its sum).
+            let probe = paths.root.join("pool.redb.probe");
+            fs::copy(backup.join(BACKUP_STORE), &probe)
+                .map_err(|e| Error::io("copy the backup's store", &probe, e))?;
+            let settings = Store::open(&probe)
+                .map_err(store_damaged)
+                .and_then(|s| s.read(|r| r.settings()));
+            super::remove_if_exists(&probe)?;
+            settings?
         }
     };
     if settings.tag != manifest.tag || settings.backend != manifest.backend {
@@ -675,7 +694,7 @@ pub fn restore(spec: &PoolSpec, backup: &Path) -> Result<MaintenanceReport> {
     info!(kept = ?report.kept, "kept the current metadata and store");
     failpoint::hit("restore:after_keep");
     if manifest.backend == BackendKind::Dm {
-        let spare = fresh_spare(&paths, "restore")?;
+        let spare = fresh_spare(&paths, "restore", &settings)?;
         info!(to = %spare.display(), "thin_restore of the backup's metadata");
         let xml = backup.join(BACKUP_METADATA);
         let restored = fsutil::run(

@@ -63,9 +63,7 @@ use locks::{DeviceLocks, lock_root};
 use settings::{check_room_for_create, check_space_settings, check_spec};
 use space::{Counters, SpaceState};
 
-pub use maintenance::{
-    BackupReport, LostDevice, MaintenanceReport, backups_dir, repair, restore,
-};
+pub use maintenance::{BackupReport, LostDevice, MaintenanceReport, backups_dir, repair, restore};
 pub use settings::check_spec_settings;
 pub(crate) use settings::settings_from_spec;
 
