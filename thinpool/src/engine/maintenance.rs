@@ -133,8 +133,11 @@ pub(super) fn check_cold_metadata(
         return Ok(());
     }
     info!(file = %paths.metadata_file.display(), "checking the pool metadata (thin_check)");
-    let Err(e) = thin_check(&paths.metadata_file) else {
-        return Ok(());
+    let e = match thin_check(&paths.metadata_file) {
+        Ok(()) => return Ok(()),
+        // Only a check that ran and failed means damage; a missing tool is said as such.
+        Err(e @ Error::Command { .. }) => e,
+        Err(e) => return Err(e),
     };
     if !auto_repair {
         return Err(damaged_error(paths, &e));
@@ -394,6 +397,7 @@ pub fn repair(spec: &PoolSpec) -> Result<MaintenanceReport> {
             report.metadata_healthy = Some(true);
             info!("the pool metadata is healthy; nothing to repair");
         }
+        Err(e) if !matches!(e, Error::Command { .. }) => return Err(e),
         Err(e) => {
             report.metadata_healthy = Some(false);
             warn!(error = %e, "the pool metadata is damaged; repairing it");
