@@ -349,6 +349,15 @@ impl Client {
         let req = admin::TakeDownRequest { force };
         Ok(self.admin.take_down(req).await?.into_inner())
     }
+
+    /// Takes a backup of the pool now (see the Backup rpc).
+    pub async fn backup(&mut self) -> Result<admin::BackupResponse> {
+        Ok(self
+            .admin
+            .backup(admin::BackupRequest {})
+            .await?
+            .into_inner())
+    }
 }
 
 /// The kind of a snapshot as containerd names it (`active`, `view`, `committed`).

@@ -89,6 +89,13 @@ pub struct FileConfig {
     pub max_device_overcommit: Option<f64>,
     #[serde(alias = "overcommit_host")]
     pub overcommit_host: Option<bool>,
+    /// `"6h"`, `"30m"`, `"90s"`, `"1d"`; `"0"` turns periodic backups off.
+    #[serde(alias = "backup_interval")]
+    pub backup_interval: Option<String>,
+    #[serde(alias = "backup_keep")]
+    pub backup_keep: Option<usize>,
+    #[serde(alias = "auto_repair")]
+    pub auto_repair: Option<bool>,
 }
 
 impl FileConfig {
@@ -134,6 +141,10 @@ pub struct Flags {
     pub max_device_overcommit: Option<f64>,
     /// `--overcommit-host` given.
     pub overcommit_host: bool,
+    pub backup_interval: Option<std::time::Duration>,
+    pub backup_keep: Option<usize>,
+    /// `--auto-repair` given.
+    pub auto_repair: bool,
 }
 
 /// Which backend to use.
@@ -174,6 +185,39 @@ pub struct Config {
     pub max_device_overcommit: f64,
     /// Create a new pool even if its files could outgrow the host filesystem's free space.
     pub overcommit_host: bool,
+    /// How often a backup is taken while serving; zero: never.
+    pub backup_interval: std::time::Duration,
+    /// How many backups are kept (the newest).
+    pub backup_keep: usize,
+    /// dm: repair damaged metadata at start instead of refusing to serve.
+    pub auto_repair: bool,
+}
+
+/// Default of `backup-interval`: a few backups a day cost little (a metadata dump and a
+/// store copy) and bound what a lost metadata device loses.
+pub const DEFAULT_BACKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+pub const DEFAULT_BACKUP_KEEP: usize = 5;
+
+/// Parses `90s`, `30m`, `6h`, `1d` or a plain number of seconds; `0` is zero (off).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with s, m, h or d (\"6h\")"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: too long"))
 }
 
 fn percent(key: &'static str, v: Option<PercentValue>) -> Result<Option<Percent>, ConfigError> {
@@ -308,7 +352,29 @@ impl Config {
                 message: format!("{max_device_overcommit}: must be above 0 and at most 1000"),
             });
         }
+        let backup_interval = match (flags.backup_interval, file.backup_interval) {
+            (Some(d), _) => d,
+            (None, Some(s)) => parse_duration(&s).map_err(|message| ConfigError::Value {
+                key: "backup-interval",
+                message,
+            })?,
+            (None, None) => DEFAULT_BACKUP_INTERVAL,
+        };
+        let backup_keep = flags
+            .backup_keep
+            .or(file.backup_keep)
+            .unwrap_or(DEFAULT_BACKUP_KEEP);
+        if backup_keep == 0 {
+            return Err(ConfigError::Value {
+                key: "backup-keep",
+                message: "must be at least 1 (turn backups off with backup-interval = \"0\")"
+                    .into(),
+            });
+        }
         Ok(Config {
+            backup_interval,
+            backup_keep,
+            auto_repair: flags.auto_repair || file.auto_repair.unwrap_or(false),
             max_device_overcommit,
             overcommit_host: flags.overcommit_host || file.overcommit_host.unwrap_or(false),
             min_free_space,
@@ -378,6 +444,12 @@ mod tests {
             data_size: Some(Bytes::gib(4)),
             ..Flags::default()
         };
+        assert_eq!(
+            parse_duration("6h"),
+            Ok(std::time::Duration::from_secs(21_600))
+        );
+        assert_eq!(parse_duration("0"), Ok(std::time::Duration::ZERO));
+        assert!(parse_duration("5y").is_err());
         let c = Config::merge(flags, file).unwrap();
         assert_eq!(c.root, PathBuf::from("/srv/pool"));
         assert_eq!(c.data_size, Some(Bytes::gib(4)));

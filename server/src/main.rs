@@ -100,6 +100,29 @@ struct Args {
     /// For tests and one-off pools; a plain stop keeps devices active for containers.
     #[arg(long)]
     teardown_on_exit: bool,
+    /// Take a backup of the pool's metadata (dm: the kernel's, as XML; and the metadata
+    /// store) this often while serving, under <root>/backups: 90s, 30m, 6h, 1d; 0 = never
+    /// [default: 6h]
+    #[arg(long, value_name = "DURATION", value_parser = thinpool_server::config::parse_duration)]
+    backup_interval: Option<std::time::Duration>,
+    /// Keep this many backups, the newest [default: 5]
+    #[arg(long, value_name = "N")]
+    backup_keep: Option<usize>,
+    /// dm: when thin_check finds the metadata damaged at start, repair it (as `--repair`
+    /// does) instead of refusing to serve.
+    #[arg(long)]
+    auto_repair: bool,
+    /// Offline: check and repair the pool's metadata, reconcile the store with it, report,
+    /// and exit (what `thinctl pool repair` runs). Refused while a daemon serves the pool.
+    #[arg(long, conflicts_with = "restore")]
+    repair: bool,
+    /// Offline: restore the backup in this directory (<root>/backups/<time>), reconcile,
+    /// report, and exit (what `thinctl pool restore` runs).
+    #[arg(long, value_name = "BACKUP")]
+    restore: Option<PathBuf>,
+    /// With --repair or --restore: print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 fn library_version(kind: BackendKind) -> String {
@@ -194,6 +217,9 @@ async fn main() -> Result<()> {
         metrics_per_device: args.metrics_per_device,
         max_device_overcommit: args.max_device_overcommit,
         overcommit_host: args.overcommit_host,
+        backup_interval: args.backup_interval,
+        backup_keep: args.backup_keep,
+        auto_repair: args.auto_repair,
     };
     let config = Config::merge(flags, file)?;
     raise_fd_limit();
@@ -222,8 +248,17 @@ async fn main() -> Result<()> {
         autoextend_data: config.autoextend_data,
         autoextend_metadata: config.autoextend_metadata,
         overcommit_host: config.overcommit_host,
+        auto_repair: config.auto_repair,
         ..PoolSpec::default()
     };
+    if args.repair || args.restore.is_some() {
+        // Offline: the pool's own backend, whatever this host would pick for a new one.
+        let spec = PoolSpec {
+            backend: (config.backend != BackendChoice::Auto).then_some(backend),
+            ..spec
+        };
+        return offline(spec, args.restore, args.json).await;
+    }
     // Refuse bad settings before anything is created (the root, its lock).
     thinpool::check_spec_settings(&spec).context("checking the settings")?;
     // Bind both listeners before creating or assembling the pool: a start that fails on a
@@ -285,6 +320,14 @@ async fn main() -> Result<()> {
         tokio::spawn(thinpool_server::metrics::serve(l, exporter))
     });
     info!(socket = %config.socket.display(), "serving snapshots.v1 and thinpool.v1");
+    let backup_task = (!config.backup_interval.is_zero()).then(|| {
+        info!(every = ?config.backup_interval, keep = config.backup_keep, "periodic backups");
+        tokio::spawn(periodic_backups(
+            pool.clone(),
+            config.backup_interval,
+            config.backup_keep,
+        ))
+    });
 
     let handle = pool.clone();
     let service = Service::new(
@@ -292,6 +335,7 @@ async fn main() -> Result<()> {
         StaticInfo {
             library_version: library_version(backend),
             max_device_overcommit: Some(config.max_device_overcommit),
+            backup_keep: Some(config.backup_keep),
         },
     );
     let taken_down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -316,6 +360,9 @@ async fn main() -> Result<()> {
     if let Some(t) = metrics_task {
         t.abort();
     }
+    if let Some(t) = backup_task {
+        t.abort();
+    }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(socket = %config.socket.display(), error = %e, "could not remove the socket");
     }
@@ -333,6 +380,74 @@ async fn main() -> Result<()> {
         info!("stopped");
     }
     Ok(())
+}
+
+/// Takes a backup every `every` (the first one `every` after start: a start is no reason to
+/// take one), keeping `keep`. A failed backup is logged and tried again at the next tick.
+async fn periodic_backups(pool: AsyncPool, every: std::time::Duration, keep: usize) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.run(move |p| p.backup(keep)).await {
+            Ok(b) => {
+                info!(path = %b.path.display(), removed = b.removed.len(), "periodic backup taken")
+            }
+            Err(e) => {
+                warn!(error = %e, "periodic backup failed; trying again at the next interval")
+            }
+        }
+    }
+}
+
+/// `--repair` / `--restore`: runs the offline command, prints its report, and returns an
+/// error (a non-zero exit) if it failed.
+async fn offline(spec: PoolSpec, restore: Option<PathBuf>, json: bool) -> Result<()> {
+    let root = spec.root.clone();
+    let what = if restore.is_some() {
+        "restore"
+    } else {
+        "repair"
+    };
+    info!(root = %root.display(), "{what} (offline)");
+    let res = tokio::task::spawn_blocking(move || match &restore {
+        Some(b) => thinpool::engine::restore(&spec, b),
+        None => thinpool::engine::repair(&spec),
+    })
+    .await
+    .context("the offline task panicked")?;
+    match res {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{}", r.summary);
+                for l in &r.lost {
+                    println!(
+                        "lost: thin {} {}",
+                        l.id,
+                        l.name.as_ref().map_or("", |n| n.as_str())
+                    );
+                }
+                for id in &r.leaked {
+                    println!("leaked: thin {id}");
+                }
+                for k in &r.kept {
+                    println!("kept: {}", k.display());
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": e.to_string(), "root": root })
+                );
+            }
+            Err(anyhow::Error::new(e).context(format!("{what} of the pool at {}", root.display())))
+        }
+    }
 }
 
 /// Tells systemd (`Type=notify`) about a state change; a no-op outside systemd.

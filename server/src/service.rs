@@ -153,6 +153,9 @@ pub struct StaticInfo {
     /// The size label may ask for at most the pool's data size times this
     /// (`--max-device-overcommit`); `None`: [`DEFAULT_MAX_DEVICE_OVERCOMMIT`].
     pub max_device_overcommit: Option<f64>,
+    /// How many backups the Backup rpc (and the periodic backup) keeps; `None`:
+    /// [`crate::config::DEFAULT_BACKUP_KEEP`].
+    pub backup_keep: Option<usize>,
 }
 
 /// A device may be as large as the pool's data, by default: larger ones can only fill the
@@ -997,6 +1000,34 @@ impl Admin for Service {
         }
         .await;
         traced("GrowPool", &what, t, res)
+    }
+
+    async fn backup(
+        &self,
+        _req: Request<admin::BackupRequest>,
+    ) -> Result<Response<admin::BackupResponse>, Status> {
+        let t = Instant::now();
+        let keep = self
+            .inner
+            .static_info
+            .backup_keep
+            .unwrap_or(crate::config::DEFAULT_BACKUP_KEEP);
+        let res = self
+            .inner
+            .pool
+            .run(move |p| p.backup(keep))
+            .await
+            .map_err(status)
+            .map(|b| {
+                Response::new(admin::BackupResponse {
+                    path: b.path.display().to_string(),
+                    created: b.created,
+                    transaction_id: b.transaction_id,
+                    devices: b.devices,
+                    removed: b.removed.iter().map(|p| p.display().to_string()).collect(),
+                })
+            });
+        traced("Backup", "", t, res)
     }
 
     async fn take_down(

@@ -104,6 +104,9 @@ pub struct PoolSpec {
     /// Create the pool even if its files could come to take more than the host filesystem
     /// has free (the data file is sparse). Without it, creation is refused then.
     pub overcommit_host: bool,
+    /// dm: when the cold check (`thin_check` before the pool is assembled) finds damage,
+    /// repair the metadata as `thinctl pool repair` would, instead of refusing to open.
+    pub auto_repair: bool,
 }
 
 /// The settings a pool was created with, as recorded in its metadata store.

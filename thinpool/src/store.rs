@@ -183,6 +183,59 @@ impl Store {
         })
     }
 
+    /// Writes a copy of the whole store, as of one read transaction, to a new database at
+    /// `dest` (0600), and returns the transaction id and device count of that copy. The copy
+    /// is consistent however many writers run meanwhile: it is a fresh database built from
+    /// one snapshot, not the file's bytes (a file copy could catch a commit half-written).
+    pub fn copy_to(&self, dest: &Path) -> Result<(u64, u64)> {
+        guarded(&self.path, || {
+            let src = self.db.begin_read()?;
+            let db = Database::create(dest)?;
+            crate::fsutil::make_private(dest)?;
+            let txn = db.begin_write()?;
+            {
+                let from = src.open_table(META)?;
+                let mut to = txn.open_table(META)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(DEVICES)?;
+                let mut to = txn.open_table(DEVICES)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(NAMES)?;
+                let mut to = txn.open_table(NAMES)?;
+                for e in from.iter()? {
+                    let (k, v) = e?;
+                    to.insert(k.value(), v.value())?;
+                }
+                let from = src.open_table(CHILDREN)?;
+                let mut to = txn.open_table(CHILDREN)?;
+                for e in from.iter()? {
+                    let (k, _) = e?;
+                    to.insert(k.value(), ())?;
+                }
+                let mut to = txn.open_table(QUARANTINE)?;
+                match src.open_table(QUARANTINE) {
+                    Ok(from) => {
+                        for e in from.iter()? {
+                            let (k, v) = e?;
+                            to.insert(k.value(), v.value())?;
+                        }
+                    }
+                    Err(redb::TableError::TableDoesNotExist(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            txn.commit()?;
+            let view = ReadView { txn: src };
+            Ok((view.transaction_id()?, view.device_count()?))
+        })
+    }
+
     /// Checks the invariants the engine keeps between the tables: every name belongs to one
     /// record and the names index agrees; parents and children exist (a record being deleted
     /// may outlive its parent: removals of a chain are deferred in any order); the base
@@ -493,6 +546,16 @@ impl WriteView<'_> {
     /// Picks an unused thin id. Ids come from a wrapping counter, so an id is reused only
     /// after the other 2^24 - 1 have been handed out, and never while any record (including
     /// one whose delete is not yet committed) holds it.
+    /// Makes later allocations start past `id`: an id the backend holds without a record
+    /// (devices made after a restored backup) must never be handed out again.
+    pub fn skip_ids_through(&mut self, id: ThinId) -> Result<()> {
+        let next = self.meta::<u32>(K_NEXT_ID)?.unwrap_or(0);
+        if next <= id.get() {
+            self.set_meta(K_NEXT_ID, &id.next_wrapping().get())?;
+        }
+        Ok(())
+    }
+
     pub fn allocate_id(&mut self) -> Result<ThinId> {
         let start = ThinId::new(self.meta::<u32>(K_NEXT_ID)?.unwrap_or(0))?;
         let devices = self.txn.open_table(DEVICES)?;

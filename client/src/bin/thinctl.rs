@@ -86,6 +86,44 @@ enum PoolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Takes a backup now, while the pool serves: the kernel metadata (dm) and thinpoold's
+    /// store, as one consistent cut, in <root>/backups/<UTC time>/ (the newest N are kept).
+    Backup {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offline (thinpoold stopped, pool down): checks the pool's metadata (thin_check),
+    /// repairs it into a spare file if damaged (thin_repair), swaps the spare in keeping the
+    /// damaged copy, then reconciles thinpoold's records with it and reports lost devices.
+    /// Runs `thinpoold --repair` (next to thinctl, or $THINPOOLD, or on PATH).
+    Repair {
+        #[command(flatten)]
+        offline: Offline,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offline: restores a backup (<root>/backups/<time>): verifies its checksums, keeps the
+    /// current metadata and store as *.before-restore-<time>, puts the backup's in place,
+    /// reconciles, and reports. Runs `thinpoold --restore`.
+    Restore {
+        /// The backup's directory.
+        backup: PathBuf,
+        #[command(flatten)]
+        offline: Offline,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where an offline command finds the pool: the same as thinpoold's flags.
+#[derive(clap::Args, Debug)]
+struct Offline {
+    /// The pool's directory [default: thinpoold's, /var/lib/thinpool]
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// thinpoold's config file (for its root and backend).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -579,6 +617,21 @@ async fn run(cli: Cli) -> Result<()> {
         thinpool_client::mount::unmount(dir)?;
         return Ok(());
     }
+    // Offline commands: no daemon to talk to (it must not run).
+    match &cli.cmd {
+        Cmd::Pool {
+            cmd: PoolCmd::Repair { offline, json },
+        } => return run_offline(offline, &["--repair".into()], *json),
+        Cmd::Pool {
+            cmd:
+                PoolCmd::Restore {
+                    backup,
+                    offline,
+                    json,
+                },
+        } => return run_offline(offline, &["--restore".into(), backup.into()], *json),
+        _ => {}
+    }
     let mut c = Client::connect(&cli.socket).await?;
     match cli.cmd {
         Cmd::Pool {
@@ -664,6 +717,28 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Pool {
+            cmd: PoolCmd::Backup { json },
+        } => {
+            let b = c.backup().await?;
+            if json {
+                print_json(&json!({
+                    "path": b.path, "created": b.created, "transaction_id": b.transaction_id,
+                    "devices": b.devices, "removed": b.removed,
+                }))?;
+            } else {
+                println!(
+                    "backup {} (transaction {}, {} devices)",
+                    b.path, b.transaction_id, b.devices
+                );
+                for r in &b.removed {
+                    println!("removed old backup {r}");
+                }
+            }
+        }
+        Cmd::Pool {
+            cmd: PoolCmd::Repair { .. } | PoolCmd::Restore { .. },
+        } => bail!("offline commands are run above"),
         Cmd::Device {
             cmd: DeviceCmd::Ls { json },
         } => device_ls(&mut c, json).await?,
@@ -676,6 +751,38 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Snapshot { cmd } => snapshot(&mut c, cmd).await?,
         Cmd::Mount { key, dir } => mount(&mut c, &key, &dir).await?,
         Cmd::Umount { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// thinctl does not link the engine: offline commands run thinpoold in an offline mode,
+/// which prints its report (stdout) and its progress (log, stderr) itself.
+fn run_offline(o: &Offline, mode: &[std::ffi::OsString], json: bool) -> Result<()> {
+    let exe = std::env::var_os("THINPOOLD")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(|d| d.join("thinpoold")))
+                .filter(|p| p.exists())
+        })
+        .unwrap_or_else(|| PathBuf::from("thinpoold"));
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.args(mode);
+    if let Some(r) = &o.root {
+        cmd.arg("--root").arg(r);
+    }
+    if let Some(c) = &o.config {
+        cmd.arg("--config").arg(c);
+    }
+    if json {
+        cmd.arg("--json");
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !status.success() {
+        bail!("{} {:?} failed ({status})", exe.display(), mode);
     }
     Ok(())
 }

@@ -319,7 +319,7 @@ impl DmBackend {
                 features.clone(),
             )
             .map_err(dm_err("set up thin-pool"))?;
-            Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features)?
+            Self::check_metadata(&dm, &names, pool, block_sectors, lwm, features, &paths.root)?
         };
         let pool_dev = pool.device();
         let meta_node = pool.meta_dev().devnode();
@@ -456,6 +456,7 @@ impl DmBackend {
         block_sectors: DmSectors,
         lwm: DmDataBlocks,
         features: Vec<String>,
+        root: &Path,
     ) -> Result<ThinPoolDev> {
         let needs_check = match pool.status(dm, DmOptions::default()) {
             Ok(ThinPoolStatus::Working(w)) => w.needs_check,
@@ -502,10 +503,9 @@ impl DmBackend {
         ) {
             return Err(Error::Inconsistent(format!(
                 "thin_check found damage in the pool metadata ({e}); the pool is down and \
-                 its devices stay inactive. Repair: `thin_repair -i {} -o NEW` onto a fresh \
-                 file of the same size, check it with `thin_check NEW`, and swap it in for \
-                 the metadata file while thinpoold is stopped (docs/recovery.md)",
-                meta_node.display()
+                 its devices stay inactive. Repair it offline with `thinctl pool repair \
+                 --root {}` (docs/recovery.md)",
+                root.display()
             )));
         }
         let meta = LinearDev::setup(
@@ -611,6 +611,21 @@ impl DmBackend {
                 .map_err(dm_err("release a held metadata snapshot"))?;
         }
         Ok(())
+    }
+
+    /// Whether the pool named by `settings` is live in the kernel (its thin-pool device
+    /// exists). A pool that is not live is opened "from cold", and only then may its
+    /// metadata be read or replaced offline (thin_check, thin_repair, thin_restore).
+    pub fn pool_is_live(settings: &PoolSettings) -> Result<bool> {
+        let dm = DM::new().map_err(dm_err("open /dev/mapper/control"))?;
+        let names = Names {
+            tag: settings.tag.clone(),
+        };
+        match dm.device_info(&DevId::Name(&names.pool())) {
+            Ok(_) => Ok(true),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => Ok(false),
+            Err(e) => Err(Error::dm("look up the thin-pool", e)),
+        }
     }
 
     /// Removes a half-created pool's kernel objects and loop devices. Fails, leaving the
@@ -854,6 +869,21 @@ impl DmBackend {
         released?;
         Ok(listed)
     }
+}
+
+/// Sets `nr_data_blocks` in the superblock line of a `thin_dump` XML file to `blocks`, if
+/// the dump said 0.
+fn fix_nr_data_blocks(xml: &Path, blocks: u64) -> Result<()> {
+    let text = fs::read_to_string(xml).map_err(|e| Error::io("read", xml, e))?;
+    let (first, rest) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+    if !first.starts_with("<superblock") || !first.contains(" nr_data_blocks=\"0\"") {
+        return Ok(());
+    }
+    let first = first.replace(
+        " nr_data_blocks=\"0\"",
+        &format!(" nr_data_blocks=\"{blocks}\""),
+    );
+    fs::write(xml, format!("{first}\n{rest}")).map_err(|e| Error::io("write", xml, e))
 }
 
 /// `thin_ls` mapped bytes of every device in the pool's metadata.
@@ -1240,6 +1270,44 @@ impl Backend for DmBackend {
         }
         info!(size = %size, "pool metadata grown");
         Ok(())
+    }
+
+    fn dump_metadata(&self, out: &Path) -> Result<bool> {
+        let _snap = self.metadata_snap.lock();
+        match self.pool_message("reserve_metadata_snap") {
+            Ok(()) => {}
+            // As in thin_ls: under our lock only a crashed run of ours can hold one.
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::EBUSY) => {
+                warn!("a metadata snapshot was held already; releasing it and retrying");
+                self.pool_message("release_metadata_snap")
+                    .map_err(dm_err("release a held metadata snapshot"))?;
+                self.pool_message("reserve_metadata_snap")
+                    .map_err(dm_err("reserve_metadata_snap"))?;
+            }
+            Err(e) => return Err(Error::dm("reserve_metadata_snap", e)),
+        }
+        failpoint::hit("backup:after_reserve");
+        let dumped = fsutil::run(
+            "thin_dump",
+            &[
+                "-m".as_ref(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                self.meta_node.as_os_str(),
+            ],
+        );
+        // Released whatever the dump did: a held snapshot blocks every later thin_ls.
+        let released = self
+            .pool_message("release_metadata_snap")
+            .map_err(dm_err("release_metadata_snap"));
+        dumped?;
+        released?;
+        // The kernel wipes the space map roots in the snapshot's superblock, so the dump
+        // says the data device has 0 blocks, which thin_restore then refuses ("mapping
+        // beyond end of data device"): put the pool's data size back.
+        let total = self.working_status()?.usage.total_data.0;
+        fix_nr_data_blocks(out, total)?;
+        Ok(true)
     }
 
     fn metadata_grows(&self) -> bool {

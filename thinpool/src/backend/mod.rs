@@ -137,6 +137,14 @@ pub trait Backend: Send + Sync {
     /// (reflink) or the kernel cannot deliver them (dm before ioctl version 4.37).
     fn events(&self) -> Result<Option<Box<dyn PoolEvents>>>;
 
+    /// Writes the backend's own metadata, as one consistent cut, to `out` for a backup, and
+    /// returns whether it had any: dm writes the kernel's metadata as XML (`thin_dump` of a
+    /// metadata snapshot, released on every path); reflink and sim keep nothing beyond the
+    /// files themselves and return false.
+    fn dump_metadata(&self, _out: &Path) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Tears down everything this process set up (devices, pool, loop devices, mounts), as a
     /// host reboot would. Persistent data is kept. Used on shutdown of tests and the daemon's
     /// `--teardown-on-exit`; a plain daemon exit keeps devices active for running containers.

@@ -33,6 +33,7 @@
 mod create;
 mod devices;
 mod locks;
+mod maintenance;
 mod queries;
 mod recovery;
 mod settings;
@@ -62,6 +63,7 @@ use locks::{DeviceLocks, lock_root};
 use settings::{check_room_for_create, check_space_settings, check_spec};
 use space::{Counters, SpaceState};
 
+pub use maintenance::{BackupReport, LostDevice, MaintenanceReport, backups_dir, repair, restore};
 pub use settings::check_spec_settings;
 pub(crate) use settings::settings_from_spec;
 
@@ -122,6 +124,8 @@ pub struct Pool {
     /// snapshot's usage is its mapped bytes minus its parent's, and the parent is inactive,
     /// so this saves a `thin_ls` per call. Filled on demand; an entry goes with its device.
     frozen_mapped: Mutex<HashMap<ThinId, Bytes>>,
+    /// Serialises backups (each writes and prunes `<root>/backups`).
+    backup_lock: Mutex<()>,
     /// Holds the root's exclusive lock for as long as the pool is open.
     _lock: File,
 }
@@ -149,6 +153,12 @@ impl Pool {
         fsutil::create_private_dir(&paths.root)
             .map_err(|e| Error::io("create pool root", &paths.root, e))?;
         let lock = lock_root(&paths)?;
+        Self::open_locked(spec, paths, lock)
+    }
+
+    /// [`Pool::open`] with the root's lock already held (offline repair and restore take it
+    /// first and keep it until the pool is open, so no daemon can slip in between).
+    fn open_locked(spec: &PoolSpec, paths: PoolPaths, lock: File) -> Result<Pool> {
         // Pools made before the modes were set are 0755/0644: tighten them on every open.
         fsutil::make_private(&paths.root)?;
         // Pools made before the metadata file was preallocated: allocate it now, if the host
@@ -167,6 +177,12 @@ impl Pool {
                 check_spec(spec, &settings)?;
                 // Before anything is assembled: a damaged store is refused with nothing set up.
                 store.check_or_fail()?;
+                if settings.backend == BackendKind::Dm {
+                    drop(store);
+                    maintenance::check_cold_metadata(&paths, &settings, spec.auto_repair)?;
+                    let store = Store::open(&paths.store_file).map_err(store_damaged)?;
+                    return Self::reopen(paths, settings, store, lock, spec);
+                }
                 return Self::reopen(paths, settings, store, lock, spec);
             }
             // Creation never finished, so no client ever saw this pool: start again. Without
@@ -338,6 +354,7 @@ impl Pool {
             quarantined: Mutex::new(quarantined),
             audit_gate: parking_lot::RwLock::new(()),
             frozen_mapped: Mutex::new(HashMap::new()),
+            backup_lock: Mutex::new(()),
             _lock: lock,
         })
     }
