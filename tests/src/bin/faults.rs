@@ -237,7 +237,9 @@ fn kernel_status(pool: &str) -> Result<KernelStatus> {
         .map(|l| l.3.clone())
         .ok_or_else(|| anyhow!("{pool}: no status line"))?;
     let f: Vec<&str> = line.split_whitespace().collect();
-    if f.first() == Some(&"Fail") {
+    // `Error`: the kernel could not read its metadata for the line (a failing metadata
+    // device, before `Fail`); thinpoold reports it as fail, and so do we.
+    if matches!(f.first(), Some(&"Fail") | Some(&"Error")) {
         return Ok(KernelStatus {
             mode: "fail".into(),
             needs_check: true,

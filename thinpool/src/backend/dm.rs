@@ -988,7 +988,11 @@ impl Backend for DmBackend {
         .map_err(dm_err("pool status"))?;
         let w = match status {
             ThinPoolStatus::Working(w) => w,
-            ThinPoolStatus::Fail => {
+            // `Error`: the kernel could not read its own metadata to make the status line
+            // (seen while the metadata device fails, before the pool turns `Fail`). For the
+            // operator that is a failed pool: reported (status, /metrics, alerts) and
+            // refused new snapshots like one, instead of failing every status call.
+            ThinPoolStatus::Fail | ThinPoolStatus::Error => {
                 return Ok(BackendStatus {
                     transaction_id: self.txn.load(Ordering::SeqCst),
                     data_used: Bytes(0),
@@ -999,13 +1003,6 @@ impl Backend for DmBackend {
                     needs_check: true,
                     error_if_no_space: true,
                     low_water_mark: Bytes(0),
-                });
-            }
-            ThinPoolStatus::Error => {
-                return Err(Error::Dm {
-                    context: "pool status".into(),
-                    errno: None,
-                    message: "the kernel reported Error".into(),
                 });
             }
         };
