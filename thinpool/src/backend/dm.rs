@@ -685,6 +685,15 @@ impl DmBackend {
         }
     }
 
+    /// Whether thin device `id` exists (`None`: it does not) and has a live table.
+    fn thin_has_table(&self, id: ThinId) -> Result<Option<bool>> {
+        match self.dm.device_info(&DevId::Name(&self.names.thin(id))) {
+            Ok(info) => Ok(Some(info.flags().contains(DmFlags::DM_ACTIVE_PRESENT))),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => Ok(None),
+            Err(e) => Err(Error::dm(format!("look up thin device {id}"), e)),
+        }
+    }
+
     fn thin_node(&self, id: ThinId) -> Result<PathBuf> {
         let info = self
             .dm
@@ -703,7 +712,11 @@ impl DmBackend {
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
             Err(e) => return Err(Error::dm(format!("status of thin {id}"), e)),
         };
-        let line = lines.first().map(|l| l.3.as_str()).unwrap_or("");
+        let Some(line) = lines.first().map(|l| l.3.as_str()) else {
+            // No table (a crash between DM_DEV_CREATE and the table load): it maps nothing,
+            // and a deactivate may remove it.
+            return Ok(Some(Bytes(0)));
+        };
         let mapped: u64 = line
             .split_whitespace()
             .next()
@@ -731,6 +744,8 @@ impl DmBackend {
         self.dm
             .device_create(name, None, opts)
             .map_err(dm_err(format!("create thin {id}")))?;
+        // A device without a table: `activate` at the next open replaces it.
+        failpoint::hit("activate:after_dev_create");
         let table = [(
             0u64,
             size.sectors().0,
@@ -981,9 +996,22 @@ impl Backend for DmBackend {
 
     fn activate(&self, id: ThinId, size: Bytes, read_only: bool) -> Result<PathBuf> {
         let name = self.names.thin(id);
-        if !self.thin_exists(id)? {
-            self.create_thin_dev(&name, id, size, read_only)?;
-            self.inactive_mapped.lock().remove(&id);
+        match self.thin_has_table(id)? {
+            Some(true) => {}
+            Some(false) => {
+                // A crash between DM_DEV_CREATE and the table load left a device that maps
+                // nothing (I/O to it fails): nobody can be using it, so it is made again.
+                warn!(id = %id, "replacing a thin device that has no table");
+                self.dm
+                    .device_remove(&DevId::Name(&name), DmOptions::default())
+                    .map_err(dm_err(format!("remove table-less thin {id}")))?;
+                self.create_thin_dev(&name, id, size, read_only)?;
+                self.inactive_mapped.lock().remove(&id);
+            }
+            None => {
+                self.create_thin_dev(&name, id, size, read_only)?;
+                self.inactive_mapped.lock().remove(&id);
+            }
         }
         self.thin_node(id)
     }
