@@ -273,9 +273,15 @@ impl Shared {
             // read-only device cannot replay; its data is checkpointed (the commit froze it).
             m.options.push("noload".into());
         }
-        self.mounted.lock().unwrap_or_else(|p| p.into_inner()).insert(dir.clone());
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir.clone());
         if let Err(e) = thinpool_client::mount::mount(&m, &dir) {
-            self.mounted.lock().unwrap_or_else(|p| p.into_inner()).remove(&dir);
+            self.mounted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&dir);
             let _ = fs::remove_dir(&dir);
             bail!("mount {} at {}: {e}", m.source, dir.display());
         }
@@ -288,7 +294,10 @@ impl Shared {
             // Busy for a moment, or the device is gone: detach, so nothing is left.
             let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
         }
-        self.mounted.lock().unwrap_or_else(|p| p.into_inner()).remove(dir);
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(dir);
         let _ = fs::remove_dir(dir);
         r.map_err(|e| anyhow!("unmount {}: {e}", dir.display()))
     }
@@ -312,7 +321,14 @@ impl Shared {
 
     /// Writes a file `data` of seeded content into the device of `m` and returns its sha256.
     /// A filesystem device is mounted (and left mounted when `keep`); a sim device is a file.
-    fn write_content(&self, key: &str, m: &Mount, seed: u64, len: usize, keep: bool) -> Result<String> {
+    fn write_content(
+        &self,
+        key: &str,
+        m: &Mount,
+        seed: u64,
+        len: usize,
+        keep: bool,
+    ) -> Result<String> {
         let data = pattern(seed, len);
         let sha = sha256_hex(&data);
         if !self.holds_filesystems() {
@@ -372,7 +388,10 @@ impl Shared {
     }
 
     fn odd(&self, what: String) {
-        self.odd.lock().unwrap_or_else(|p| p.into_inner()).push(what);
+        self.odd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(what);
     }
 }
 
@@ -540,7 +559,9 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
                 },
             );
             let (k2, n2) = (key.clone(), name.clone());
-            let r = sh.call(c, |mut c| async move { c.commit(&n2, &k2, HashMap::new()).await });
+            let r = sh.call(c, |mut c| async move {
+                c.commit(&n2, &k2, HashMap::new()).await
+            });
             let _ = sh.release(&key);
             match r {
                 Call::Lost => false,
@@ -751,9 +772,13 @@ impl Driver {
         self.fresh_pool()?;
         match self.cfg().mode {
             Mode::Failpoints => {
-                let points = super::points_for(self.cfg().backend, self.cfg().short, &self.cfg().points);
+                let points =
+                    super::points_for(self.cfg().backend, self.cfg().short, &self.cfg().points);
                 if points.is_empty() {
-                    bail!("no failpoint of the catalogue applies to {}", self.cfg().backend);
+                    bail!(
+                        "no failpoint of the catalogue applies to {}",
+                        self.cfg().backend
+                    );
                 }
                 for seed in 1..=self.cfg().seeds {
                     for p in &points {
@@ -761,11 +786,7 @@ impl Driver {
                         let mut rng = Rng::new(seed ^ name_hash(p.name));
                         let hit = 1 + rng.below(p.max_hit);
                         let r = self.failpoint_case(p, seed, hit);
-                        self.report(
-                            &format!("fp={} seed={seed} hit={hit}", p.name),
-                            t,
-                            r,
-                        );
+                        self.report(&format!("fp={} seed={seed} hit={hit}", p.name), t, r);
                     }
                 }
             }
@@ -926,7 +947,10 @@ impl Driver {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         match self.wait_exit(Duration::from_secs(60))? {
             Some(st) if st.success() => Ok(()),
-            Some(st) => bail!("thinpoold exited with {st} on SIGTERM:\n{}", self.log_tail()),
+            Some(st) => bail!(
+                "thinpoold exited with {st} on SIGTERM:\n{}",
+                self.log_tail()
+            ),
             None => {
                 let tail = self.log_tail();
                 self.kill_daemon();
@@ -941,7 +965,10 @@ impl Driver {
         self.request_take_down()?;
         match self.wait_exit(Duration::from_secs(60))? {
             Some(st) if st.success() => Ok(()),
-            Some(st) => bail!("thinpoold exited with {st} after TakeDown:\n{}", self.log_tail()),
+            Some(st) => bail!(
+                "thinpoold exited with {st} after TakeDown:\n{}",
+                self.log_tail()
+            ),
             None => {
                 let tail = self.log_tail();
                 self.kill_daemon();
@@ -952,6 +979,21 @@ impl Driver {
 
     /// Sends the take-down (the daemon exits after it).
     fn request_take_down(&self) -> Result<()> {
+        // udev's probe of a device just unmounted holds it open for a moment: a refusal
+        // (device in use) is retried for a few seconds.
+        let mut tries = 0;
+        loop {
+            match self.request_take_down_once() {
+                Err(e) if tries < 10 && format!("{e:#}").contains("in use") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn request_take_down_once(&self) -> Result<()> {
         if let Some(thinctl) = self.cfg().thinctl.clone() {
             let out = Command::new(&thinctl)
                 .arg("--socket")
@@ -970,7 +1012,10 @@ impl Driver {
             let Some(c) = self.sh.client() else {
                 bail!("cannot connect to take the pool down");
             };
-            match self.sh.call(&c, |mut c| async move { c.take_down(false).await }) {
+            match self
+                .sh
+                .call(&c, |mut c| async move { c.take_down(false).await })
+            {
                 Call::Ok(_) => {}
                 Call::Refused(code, msg) => bail!("TakeDown refused: {code:?}: {msg}"),
                 Call::Lost => bail!("TakeDown: no answer:\n{}", self.log_tail()),
@@ -1018,7 +1063,9 @@ impl Driver {
         {
             // A pool whose creation was cut short may not open; scrub its kernel objects.
             let store = thinpool::store::Store::open(&self.sh.pool_root.join("pool.redb"));
-            let settings = store.ok().and_then(|s| s.read(|r| r.settings_if_any()).ok().flatten());
+            let settings = store
+                .ok()
+                .and_then(|s| s.read(|r| r.settings_if_any()).ok().flatten());
             match settings {
                 Some(s) => thinpool::backend::scrub(
                     &thinpool::backend::PoolPaths::new(&self.sh.pool_root),
@@ -1049,10 +1096,17 @@ impl Driver {
                 self.kill_daemon();
             }
         }
-        if let Err(e) = self.teardown_offline() {
-            eprintln!("torture: could not take the pool down at the end: {e:#}");
+        match self.teardown_offline() {
+            // Only a pool that is down may go: removing the files of a live pool would leave
+            // its loop devices and mounts with nothing to find them by.
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&self.sh.pool_root);
+            }
+            Err(e) => eprintln!(
+                "torture: could not take the pool down at the end (left in {}): {e:#}",
+                self.sh.pool_root.display()
+            ),
         }
-        let _ = fs::remove_dir_all(&self.sh.pool_root);
         let _ = fs::remove_file(&self.sh.socket);
     }
 
@@ -1086,7 +1140,11 @@ impl Driver {
 
     fn failpoint_case(&mut self, p: &Point, seed: u64, hit: u64) -> Result<String> {
         let spec = format!("{}@{hit}", p.name);
-        self.sh.odd.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.sh
+            .odd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if p.trigger == Trigger::PoolCreate {
             self.fresh_pool()?;
         } else if self.daemon.is_some() {
@@ -1132,7 +1190,10 @@ impl Driver {
         };
         self.sh.unmount_all();
         if st.signal() != Some(libc::SIGABRT) {
-            bail!("thinpoold died by {st}, not at the failpoint:\n{}", self.log_tail());
+            bail!(
+                "thinpoold died by {st}, not at the failpoint:\n{}",
+                self.log_tail()
+            );
         }
         let log = fs::read_to_string(
             self.cfg()
@@ -1141,13 +1202,21 @@ impl Driver {
         )
         .unwrap_or_default();
         if !log.contains(&format!("failpoint {}: aborting", p.name)) {
-            bail!("thinpoold aborted, but not at {}:\n{}", p.name, self.log_tail());
+            bail!(
+                "thinpoold aborted, but not at {}:\n{}",
+                p.name,
+                self.log_tail()
+            );
         }
         self.recover_and_verify()
     }
 
     fn load_kill_case(&mut self, round: u64, after: Duration) -> Result<String> {
-        self.sh.odd.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.sh
+            .odd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if self.daemon.is_none() {
             self.start_clean()?;
         }
@@ -1221,7 +1290,9 @@ impl Driver {
         if named != shown.keys().cloned().collect::<BTreeSet<_>>() {
             bail!(
                 "ListDevices and List disagree: devices only {:?}, List only {:?}",
-                named.difference(&shown.keys().cloned().collect()).collect::<Vec<_>>(),
+                named
+                    .difference(&shown.keys().cloned().collect())
+                    .collect::<Vec<_>>(),
                 shown
                     .keys()
                     .filter(|k| !named.contains(*k))
@@ -1340,7 +1411,10 @@ impl Driver {
         };
         for (k, sha) in &layers {
             let k2 = k.clone();
-            let mounts = match self.sh.call(&c, |mut c| async move { c.activate(&k2).await }) {
+            let mounts = match self
+                .sh
+                .call(&c, |mut c| async move { c.activate(&k2).await })
+            {
                 Call::Ok(m) => m,
                 Call::Refused(code, m) => bail!("activate {k:?} to check it: {code:?}: {m}"),
                 Call::Lost => bail!("activate {k:?}: no answer:\n{}", self.log_tail()),
@@ -1353,16 +1427,22 @@ impl Driver {
                 bail!("committed layer {k:?}: content sha256 {got:?}, written {sha}");
             }
             let k2 = k.clone();
-            if let Call::Refused(code, m) =
-                self.sh.call(&c, |mut c| async move { c.deactivate(&k2).await })
+            if let Call::Refused(code, m) = self
+                .sh
+                .call(&c, |mut c| async move { c.deactivate(&k2).await })
             {
                 bail!("deactivate {k:?} after the check: {code:?}: {m}");
             }
         }
         // 4. dm: the kernel's metadata, checked offline.
         let mut note = format!(" [{} layers checked", layers.len());
-        if self.cfg().backend == BackendKind::Dm {
+        // Taking the pool down also proves that no device is left in use (a mount the
+        // driver did not see go, a device opened by a crashed daemon).
+        if self.cfg().backend != BackendKind::Sim {
             self.take_down()?;
+            note.push_str(", taken down");
+        }
+        if self.cfg().backend == BackendKind::Dm {
             let meta = thinpool::backend::PoolPaths::new(&self.sh.pool_root).metadata_file;
             let out = Command::new("thin_check")
                 .arg(&meta)

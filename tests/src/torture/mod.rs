@@ -76,9 +76,30 @@ use Trigger::*;
 
 /// Every kill point the torture run arms. The names are those in the sources.
 pub const CATALOGUE: &[Point] = &[
-    p("pool_create:after_store", "pool_create", ALL, 1, PoolCreate, true),
-    p("pool_create:after_base", "pool_create", ALL, 1, PoolCreate, false),
-    p("pool_create:after_mkfs", "pool_create", ALL, 1, PoolCreate, false),
+    p(
+        "pool_create:after_store",
+        "pool_create",
+        ALL,
+        1,
+        PoolCreate,
+        true,
+    ),
+    p(
+        "pool_create:after_base",
+        "pool_create",
+        ALL,
+        1,
+        PoolCreate,
+        false,
+    ),
+    p(
+        "pool_create:after_mkfs",
+        "pool_create",
+        ALL,
+        1,
+        PoolCreate,
+        false,
+    ),
     p("base:after_activate", "base", FS, 1, Open, true),
     p("create:after_intent", "create", ALL, 3, Load, true),
     p("create:after_kernel", "create", ALL, 3, Load, false),
@@ -90,6 +111,8 @@ pub const CATALOGUE: &[Point] = &[
     p("snapshot:after_activate", "snapshot", ALL, 3, Load, false),
     p("view:after_journal_replay", "view", FS, 2, Load, true),
     p("commit:after_flush", "commit", ALL, 3, Load, false),
+    p("commit:after_suspend", "commit", DM, 2, Load, false),
+    p("commit:after_freeze", "commit", REFLINK, 2, Load, false),
     p("commit:after_record", "commit", ALL, 3, Load, true),
     p("commit:after_deactivate", "commit", ALL, 3, Load, false),
     p("activate:after_record", "activate", ALL, 2, Load, true),
@@ -104,7 +127,14 @@ pub const CATALOGUE: &[Point] = &[
     p("grow:after_file", "grow", ALL, 2, Load, true),
     p("grow:after_kernel", "grow", ALL, 2, Load, false),
     p("thin_ls:after_reserve", "thin_ls", DM, 2, Load, true),
-    p("take_down:after_deactivate", "take_down", ALL, 2, TakeDown, true),
+    p(
+        "take_down:after_deactivate",
+        "take_down",
+        ALL,
+        2,
+        TakeDown,
+        true,
+    ),
 ];
 
 /// Points in the sources that the torture run does not arm, and why.

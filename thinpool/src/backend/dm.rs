@@ -1062,6 +1062,8 @@ impl Backend for DmBackend {
         self.dm
             .device_suspend(&dev, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
             .map_err(dm_err(format!("suspend thin {id} to flush it")))?;
+        // Suspended (its filesystem frozen): the next open resumes it.
+        failpoint::hit("commit:after_suspend");
         self.dm
             .device_suspend(&dev, DmOptions::default())
             .map_err(dm_err(format!("resume thin {id} after a flush")))?;
