@@ -77,7 +77,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -86,7 +86,7 @@ impl Rng {
     }
     /// Uniform in 0..n (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
         if v.is_empty() {
@@ -515,7 +515,7 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
             {
                 let len = (16 + rng.below(112) as usize) << 10;
                 let keep = rng.below(3) == 0;
-                match sh.write_content(&key, m, rng.next(), len, keep) {
+                match sh.write_content(&key, m, rng.next_u64(), len, keep) {
                     Ok(sha) => {
                         let mut l = sh.ledger.lock().unwrap_or_else(|p| p.into_inner());
                         if let Some(s) = l.snaps.get_mut(&key) {
