@@ -429,7 +429,7 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
         )
     };
     // Keep the pool small (checks read every committed layer): past a few, remove more.
-    let crowded = mine.len() > 5;
+    let crowded = mine.len() > 3;
     let roll = rng.below(100);
     let op = match roll {
         _ if crowded && roll < 40 => "remove",
@@ -441,8 +441,8 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
         68..=74 => "activate",
         75..=80 => "deactivate",
         81..=85 => "stat",
-        86..=89 => "cleanup",
-        90..=94 if grower => "grow",
+        86..=89 if !grower => "cleanup",
+        86..=95 if grower => "grow",
         90..=94 => "usage",
         _ if grower => "audit",
         _ => "list",
