@@ -5,7 +5,7 @@
 //! ```text
 //! torture --thinpoold PATH [--thinctl PATH] --backend dm|reflink|sim --work DIR
 //!         [--mode failpoints|load-kill] [--seeds N] [--rounds N] [--clients N]
-//!         [--points a,b] [--short] [--reach-secs N]
+//!         [--points a,b] [--short] [--reach-secs N] [--kill-after-ms LO,HI]
 //! ```
 //!
 //! Prints one line per case (`ok ...` / `FAILED ...: why`), then the elapsed time and
@@ -43,6 +43,7 @@ fn real_main() -> Result<bool> {
     let mut points = Vec::new();
     let mut short = false;
     let mut reach = None;
+    let mut kill_after = None;
     while let Some(a) = args.next() {
         let mut val = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -68,6 +69,15 @@ fn real_main() -> Result<bool> {
                     .collect()
             }
             "--reach-secs" => reach = Some(val()?.parse::<u64>().context("--reach-secs")?),
+            "--kill-after-ms" => {
+                let v = val()?;
+                let (lo, hi) = v
+                    .split_once(',')
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+                    .filter(|(a, b)| a <= b)
+                    .with_context(|| format!("--kill-after-ms {v:?}: expected LO,HI"))?;
+                kill_after = Some((lo, hi));
+            }
             "--short" => short = true,
             a => bail!("unknown argument {a:?}"),
         }
@@ -88,6 +98,7 @@ fn real_main() -> Result<bool> {
         short,
         points,
         reach_within: Duration::from_secs(reach.unwrap_or(60)),
+        kill_after_ms: kill_after.unwrap_or(if short { (500, 2500) } else { (500, 4500) }),
     };
     let t = Instant::now();
     let what = match mode {

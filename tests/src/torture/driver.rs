@@ -52,6 +52,9 @@ pub struct Config {
     pub points: Vec<String>,
     /// How long a point may take to be reached under load.
     pub reach_within: Duration,
+    /// load-kill: the kill comes this many ms into the load, drawn from lo..=hi by the
+    /// round (slow guests need longer for layers to be committed before it).
+    pub kill_after_ms: (u64, u64),
 }
 
 /// Totals of a run.
@@ -794,8 +797,8 @@ impl Driver {
                 for round in 1..=self.cfg().rounds {
                     let t = Instant::now();
                     let mut rng = Rng::new(round.wrapping_mul(7919));
-                    let max_ms = if self.cfg().short { 2000 } else { 4000 };
-                    let after = Duration::from_millis(500 + rng.below(max_ms));
+                    let (lo, hi) = self.cfg().kill_after_ms;
+                    let after = Duration::from_millis(lo + rng.below(hi.saturating_sub(lo) + 1));
                     let r = self.load_kill_case(round, after);
                     self.report(
                         &format!(
