@@ -52,8 +52,7 @@ fn source_points() -> (BTreeSet<String>, Vec<String>) {
                     rest = arg;
                     if let Some(lit) = arg.strip_prefix('"').and_then(literal) {
                         names.insert(lit.to_string());
-                    } else if let Some(lit) =
-                        arg.strip_prefix("&format!(\"{op}:").and_then(literal)
+                    } else if let Some(lit) = arg.strip_prefix("&format!(\"{op}:").and_then(literal)
                     {
                         for op in OPS {
                             names.insert(format!("{op}:{lit}"));
@@ -104,10 +103,16 @@ fn every_failpoint_is_documented_and_in_the_torture_catalogue() {
     let skipped: Vec<&str> = NOT_TORTURED.iter().map(|(n, _)| *n).collect();
     let mut catalogue = BTreeSet::new();
     for n in tortured.iter().chain(&skipped) {
-        assert!(catalogue.insert(n.to_string()), "{n} is listed twice in the catalogue");
+        assert!(
+            catalogue.insert(n.to_string()),
+            "{n} is listed twice in the catalogue"
+        );
     }
     for (n, why) in NOT_TORTURED {
-        assert!(!why.trim().is_empty(), "{n} is not tortured without a reason");
+        assert!(
+            !why.trim().is_empty(),
+            "{n} is not tortured without a reason"
+        );
     }
 
     let missing_docs: Vec<_> = src.difference(&docs).collect();
@@ -138,6 +143,10 @@ fn every_failpoint_is_documented_and_in_the_torture_catalogue() {
         );
     }
     for p in CATALOGUE {
-        assert!(p.backends != 0 && p.max_hit >= 1, "{}: no backend or hit", p.name);
+        assert!(
+            p.backends != 0 && p.max_hit >= 1,
+            "{}: no backend or hit",
+            p.name
+        );
     }
 }
