@@ -46,9 +46,9 @@ pub struct DmBackend {
     /// The pool and its linear devices, with the tables we loaded. Locked only to change
     /// those tables (a grow); status and messages go to the kernel by name without it.
     pool: parking_lot::Mutex<ThinPoolDev>,
-    /// Pool messages hold it shared, a table reload of the pool exclusively: no message
-    /// reaches the pool while it is suspended for a reload, and a reload waits for the
-    /// messages in flight. Messages do not exclude each other, so this serialises nothing
+    /// Pool messages and thin table loads hold it shared, a table reload of the pool
+    /// exclusively: no message or new thin device reaches the pool while it is suspended
+    /// for a reload, and a reload waits for those in flight. Messages do not exclude each other, so this serialises nothing
     /// but the rare reload.
     reload: parking_lot::RwLock<()>,
     /// The pool's (major, minor), which every thin table names.
@@ -741,6 +741,10 @@ impl DmBackend {
         if read_only {
             opts = opts.set_flags(DmFlags::DM_READONLY);
         }
+        // dm-thin refuses (EINVAL) a thin table while its pool is suspended, which a grow
+        // does for its reload: wait for the reload, as pool messages do (found by the
+        // torture load: an Activate racing a GrowPool failed with Internal).
+        let _not_reloading = self.reload.read();
         self.dm
             .device_create(name, None, opts)
             .map_err(dm_err(format!("create thin {id}")))?;
