@@ -1462,8 +1462,13 @@ impl Driver {
             note.push_str(", thin_check clean");
         }
         let odd = std::mem::take(&mut *self.sh.odd.lock().unwrap_or_else(|p| p.into_inner()));
+        // A live daemon answering a legal request with an unclear code (Internal, Unknown)
+        // fails the case: clients must be able to tell what went wrong.
+        if let Some(first) = odd.iter().find(|o| o.contains("unexpected")) {
+            bail!("{} unexpected answers under load, the first: {first}", odd.len());
+        }
         if !odd.is_empty() {
-            note.push_str(&format!(", {} odd answers: {}", odd.len(), odd[0]));
+            note.push_str(&format!(", {} notes: {}", odd.len(), odd[0]));
         }
         note.push(']');
         Ok(note)
