@@ -1465,7 +1465,10 @@ impl Driver {
         // A live daemon answering a legal request with an unclear code (Internal, Unknown)
         // fails the case: clients must be able to tell what went wrong.
         if let Some(first) = odd.iter().find(|o| o.contains("unexpected")) {
-            bail!("{} unexpected answers under load, the first: {first}", odd.len());
+            bail!(
+                "{} unexpected answers under load, the first: {first}",
+                odd.len()
+            );
         }
         if !odd.is_empty() {
             note.push_str(&format!(", {} notes: {}", odd.len(), odd[0]));
