@@ -724,6 +724,8 @@ struct Driver {
     daemon: Option<Daemon>,
     incarnation: u32,
     summary: Summary,
+    /// Client threads still in I/O after a kill (see [`Driver::join_load`]).
+    stuck: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Driver {
@@ -762,6 +764,7 @@ impl Driver {
             daemon: None,
             incarnation: 0,
             summary: Summary::default(),
+            stuck: Vec::new(),
         })
     }
 
@@ -1126,19 +1129,55 @@ impl Driver {
             .collect()
     }
 
-    fn join_load(&self, threads: Vec<std::thread::JoinHandle<()>>) -> Result<()> {
+    /// Stops the clients and waits up to 20 s for them. A client can be stuck in I/O that
+    /// only the next start releases (a kill inside a grow's pool suspend leaves the pool
+    /// suspended, and every write to its devices waits): those are left in `self.stuck`
+    /// for [`Driver::finish_stuck`] after the restart, and their mounts stay until then.
+    fn join_load(&mut self, threads: Vec<std::thread::JoinHandle<()>>) -> Result<()> {
         self.sh.stop.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let mut panicked = 0;
         for t in threads {
-            if t.join().is_err() {
-                panicked += 1;
+            if t.is_finished() {
+                if t.join().is_err() {
+                    panicked += 1;
+                }
+            } else {
+                self.stuck.push(t);
             }
         }
-        self.sh.unmount_all();
+        if self.stuck.is_empty() {
+            self.sh.unmount_all();
+        }
         if panicked > 0 {
             bail!("{panicked} client threads panicked (see stderr)");
         }
         Ok(())
+    }
+
+    /// After a restart: the clients that were stuck must finish now (within 120 s).
+    fn finish_stuck(&mut self) -> Result<String> {
+        if self.stuck.is_empty() {
+            return Ok(String::new());
+        }
+        let n = self.stuck.len();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.stuck.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.stuck.iter().any(|t| !t.is_finished()) {
+            bail!("{n} clients still stuck in I/O 120 s after the restart");
+        }
+        for t in std::mem::take(&mut self.stuck) {
+            if t.join().is_err() {
+                bail!("a client thread panicked (see stderr)");
+            }
+        }
+        self.sh.unmount_all();
+        Ok(format!(", {n} clients were stuck until the restart"))
     }
 
     fn failpoint_case(&mut self, p: &Point, seed: u64, hit: u64) -> Result<String> {
@@ -1238,6 +1277,7 @@ impl Driver {
     /// shows for the operations that were in flight.
     fn recover_and_verify(&mut self) -> Result<String> {
         self.start_clean()?;
+        let stuck_note = self.finish_stuck()?;
         let c = self
             .sh
             .client()
@@ -1438,7 +1478,7 @@ impl Driver {
             }
         }
         // 4. dm: the kernel's metadata, checked offline.
-        let mut note = format!(" [{} layers checked", layers.len());
+        let mut note = format!(" [{} layers checked{stuck_note}", layers.len());
         // Taking the pool down also proves that no device is left in use (a mount the
         // driver did not see go, a device opened by a crashed daemon).
         if self.cfg().backend != BackendKind::Sim {
