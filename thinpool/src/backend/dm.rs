@@ -46,9 +46,9 @@ pub struct DmBackend {
     /// The pool and its linear devices, with the tables we loaded. Locked only to change
     /// those tables (a grow); status and messages go to the kernel by name without it.
     pool: parking_lot::Mutex<ThinPoolDev>,
-    /// Pool messages hold it shared, a table reload of the pool exclusively: no message
-    /// reaches the pool while it is suspended for a reload, and a reload waits for the
-    /// messages in flight. Messages do not exclude each other, so this serialises nothing
+    /// Pool messages and thin table loads hold it shared, a table reload of the pool
+    /// exclusively: no message or new thin device reaches the pool while it is suspended
+    /// for a reload, and a reload waits for those in flight. Messages do not exclude each other, so this serialises nothing
     /// but the rare reload.
     reload: parking_lot::RwLock<()>,
     /// The pool's (major, minor), which every thin table names.
@@ -748,6 +748,15 @@ impl DmBackend {
         }
     }
 
+    /// Whether thin device `id` exists (`None`: it does not) and has a live table.
+    fn thin_has_table(&self, id: ThinId) -> Result<Option<bool>> {
+        match self.dm.device_info(&DevId::Name(&self.names.thin(id))) {
+            Ok(info) => Ok(Some(info.flags().contains(DmFlags::DM_ACTIVE_PRESENT))),
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => Ok(None),
+            Err(e) => Err(Error::dm(format!("look up thin device {id}"), e)),
+        }
+    }
+
     fn thin_node(&self, id: ThinId) -> Result<PathBuf> {
         let info = self
             .dm
@@ -781,7 +790,11 @@ impl DmBackend {
             }
             Err(e) => return Err(Error::dm(format!("status of thin {id}"), e)),
         };
-        let line = lines.first().map(|l| l.3.as_str()).unwrap_or("");
+        let Some(line) = lines.first().map(|l| l.3.as_str()) else {
+            // No table (a crash between DM_DEV_CREATE and the table load): it maps nothing,
+            // and a deactivate may remove it.
+            return Ok(ThinStatus::Mapped(Bytes(0)));
+        };
         if matches!(line.trim(), "Fail" | "-") {
             return Ok(ThinStatus::Failed);
         }
@@ -809,9 +822,15 @@ impl DmBackend {
         if read_only {
             opts = opts.set_flags(DmFlags::DM_READONLY);
         }
+        // dm-thin refuses (EINVAL) a thin table while its pool is suspended, which a grow
+        // does for its reload: wait for the reload, as pool messages do (found by the
+        // torture load: an Activate racing a GrowPool failed with Internal).
+        let _not_reloading = self.reload.read();
         self.dm
             .device_create(name, None, opts)
             .map_err(dm_err(format!("create thin {id}")))?;
+        // A device without a table: `activate` at the next open replaces it.
+        failpoint::hit("activate:after_dev_create");
         let table = [(
             0u64,
             size.sectors().0,
@@ -1074,9 +1093,22 @@ impl Backend for DmBackend {
 
     fn activate(&self, id: ThinId, size: Bytes, read_only: bool) -> Result<PathBuf> {
         let name = self.names.thin(id);
-        if !self.thin_exists(id)? {
-            self.create_thin_dev(&name, id, size, read_only)?;
-            self.inactive_mapped.lock().remove(&id);
+        match self.thin_has_table(id)? {
+            Some(true) => {}
+            Some(false) => {
+                // A crash between DM_DEV_CREATE and the table load left a device that maps
+                // nothing (I/O to it fails): nobody can be using it, so it is made again.
+                warn!(id = %id, "replacing a thin device that has no table");
+                self.dm
+                    .device_remove(&DevId::Name(&name), DmOptions::default())
+                    .map_err(dm_err(format!("remove table-less thin {id}")))?;
+                self.create_thin_dev(&name, id, size, read_only)?;
+                self.inactive_mapped.lock().remove(&id);
+            }
+            None => {
+                self.create_thin_dev(&name, id, size, read_only)?;
+                self.inactive_mapped.lock().remove(&id);
+            }
         }
         self.thin_node(id)
     }
@@ -1135,6 +1167,8 @@ impl Backend for DmBackend {
         self.dm
             .device_suspend(&dev, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
             .map_err(dm_err(format!("suspend thin {id} to flush it")))?;
+        // Suspended (its filesystem frozen): the next open resumes it.
+        failpoint::hit("commit:after_suspend");
         self.dm
             .device_suspend(&dev, DmOptions::default())
             .map_err(dm_err(format!("resume thin {id} after a flush")))?;

@@ -183,7 +183,30 @@ impl ReflinkBackend {
             }
             None => mount_xfs(&data_dev, &meta_dev, &mnt)?,
         }
-        Self::assemble(paths, settings, data_dev)
+        let backend = Self::assemble(paths, settings, data_dev)?;
+        backend.thaw_left_frozen(settings, &paths.root.join("resize"));
+        Ok(backend)
+    }
+
+    /// A crash between a Commit's `FIFREEZE` and `FITHAW` leaves the device's filesystem
+    /// frozen: its writers hang, and once it is unmounted the frozen filesystem lives on
+    /// without a mount (holding the loop device open, so it can never be deactivated).
+    /// Every attached device is thawed at open: through its mount if it has one, else
+    /// through a scratch mount, which the kernel gives the same (frozen) filesystem.
+    /// Best effort: a failure is logged, and the device then shows as in use.
+    fn thaw_left_frozen(&self, settings: &PoolSettings, scratch: &Path) {
+        let loops: Vec<(ThinId, PathBuf)> = self
+            .loops
+            .lock()
+            .iter()
+            .map(|(id, dev)| (*id, dev.clone()))
+            .collect();
+        for (id, dev) in loops {
+            if let Err(e) = thaw_device(&dev, settings.fs, &scratch.join(format!("thaw-{id}"))) {
+                warn!(id = %id, dev = %dev.display(), error = %e,
+                    "cannot check whether the device's filesystem was left frozen");
+            }
+        }
     }
 
     /// The backend over a mounted XFS: checks its layout and reads the counter.
@@ -783,6 +806,49 @@ const FITHAW: libc::c_ulong = 0xC004_5878;
 /// Freezes and thaws the filesystem mounted at `mnt`, checked to be the one on device
 /// `major:minor` (the path comes from the mount table, and the tree under it is a
 /// container's). A filesystem that cannot freeze is synced instead.
+/// Thaws the filesystem of `dev` if it is frozen (see `thaw_left_frozen`).
+fn thaw_device(dev: &Path, fs: crate::model::FsType, scratch: &Path) -> Result<()> {
+    let (major, minor) = loopback::dev_numbers(dev)?;
+    if let Some(mnt) = mount::mount_point_of(major, minor)? {
+        return thaw_at(&mnt);
+    }
+    // A filesystem without a mount shows only in sysfs, under the device's name.
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sys = Path::new("/sys/fs").join(fs.to_string()).join(&name);
+    if name.is_empty() || !sys.exists() {
+        return Ok(());
+    }
+    warn!(dev = %dev.display(), "a filesystem without a mount holds the device; thawing it");
+    let data = (fs == crate::model::FsType::Xfs).then_some("nouuid");
+    let m = mount::ScratchMount::new(dev, scratch, fs, false, data)?;
+    let thawed = thaw_at(m.path());
+    let unmounted = m.unmount();
+    thawed?;
+    unmounted
+}
+
+/// `FITHAW` on the filesystem mounted at `mnt`; one that is not frozen (EINVAL) is fine.
+fn thaw_at(mnt: &Path) -> Result<()> {
+    let dir = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(mnt)
+        .map_err(|e| io_error("open mount point", mnt, e))?;
+    // SAFETY: FITHAW takes an ignored int argument; the fd is open.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(io_error("FITHAW", mnt, e));
+        }
+    } else {
+        warn!(mnt = %mnt.display(), "thawed a filesystem a crash left frozen");
+    }
+    Ok(())
+}
+
 fn freeze_and_thaw(mnt: &Path, major: u32, minor: u32) -> Result<()> {
     let dir = OpenOptions::new()
         .read(true)
@@ -815,6 +881,8 @@ fn freeze_and_thaw(mnt: &Path, major: u32, minor: u32) -> Result<()> {
         }
         return Ok(());
     }
+    // Frozen: a crash here leaves it so until the next open thaws it.
+    failpoint::hit("commit:after_freeze");
     // SAFETY: as above.
     if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW, 0) } != 0 {
         return Err(io_error("FITHAW", mnt, io::Error::last_os_error()));

@@ -124,9 +124,13 @@ impl Pool {
             let origin_size = self.record_by_id(origin)?.size;
             if rec.size > origin_size {
                 self.grow_filesystem(rec.id, rec.size)?;
+                // Grown but still Creating: the next open rolls the grown device back.
+                failpoint::hit(&format!("{op}:after_fs_grow"));
             }
             if rec.kind == DeviceKind::View {
                 self.replay_view_journal(rec.id, rec.size)?;
+                // The view's journal replayed (its device deactivated again), not yet Ready.
+                failpoint::hit("view:after_journal_replay");
             }
             if req.activate {
                 // A crash from here on still rolls the create back, deactivating first.
@@ -309,6 +313,8 @@ impl Pool {
         if let Err(e) = self.backend.deactivate_deferred(id) {
             warn!(id = %id, error = %e, "committed, but could not deactivate the device");
         }
+        // Before the reply: the client never learns that its commit succeeded.
+        failpoint::hit("commit:after_deactivate");
         Ok(done)
     }
 

@@ -53,9 +53,13 @@ impl Pool {
                 cur.active = true;
                 w.put_device(&cur)
             })?;
+            // Recorded active, not yet in the kernel: the next open activates it.
+            failpoint::hit("activate:after_record");
         }
         let read_only = rec.kind != DeviceKind::Active;
         let source = self.backend.activate(rec.id, rec.size, read_only)?;
+        // Active and recorded so, but the client never got the mounts.
+        failpoint::hit("activate:after_kernel");
         Ok(self.mount_spec(source, read_only))
     }
 
@@ -85,6 +89,8 @@ impl Pool {
         // Kernel first: a busy (mounted) device must keep its record saying "active". A crash
         // after this leaves a record reconcile re-activates, and the caller never got an Ok.
         self.backend.deactivate(rec.id)?;
+        // Inactive, but recorded active: the next open activates it again.
+        failpoint::hit("deactivate:after_kernel");
         self.store.write(|w| {
             if let Some(mut cur) = w.device(rec.id)? {
                 cur.active = false;
@@ -183,7 +189,10 @@ impl Pool {
             .filter(|id| !pending.contains(id))
             .collect();
         for id in quarantined {
-            match self.retry_quarantined(id) {
+            let retried = self.retry_quarantined(id);
+            // A quarantine retry done (or failed) and maybe recorded; the rest not yet run.
+            failpoint::hit("reclaim:after_retry");
+            match retried {
                 Ok(true) => {}
                 Ok(false) => debug!(id = %id, "still quarantined"),
                 Err(e) => {
@@ -192,7 +201,12 @@ impl Pool {
             }
         }
         for id in pending {
-            match self.finish_delete(id, false) {
+            // A Deleting record, the device still in the kernel: the next open finishes it.
+            failpoint::hit("reclaim:before_delete");
+            let done = self.finish_delete(id, false);
+            // One pending delete finished and recorded, the rest still pending.
+            failpoint::hit("reclaim:after_delete");
+            match done {
                 Ok(()) => freed += 1,
                 Err(Error::FailedPrecondition(why)) => {
                     warn!(id = %id, %why, "device to delete is in use; will retry")

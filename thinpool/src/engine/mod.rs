@@ -219,6 +219,9 @@ impl Pool {
         let pool = Pool::new(paths, settings.clone(), store, backend, lock)?;
         let base_id = pool.store.write(|w| w.allocate_id())?;
         let txn = pool.backend.create_thin(base_id, settings.base_size)?;
+        // The base device exists in the kernel, unformatted; the store still says
+        // initializing, so the next start scrubs and creates the pool again.
+        failpoint::hit("pool_create:after_base");
         // A backend without filesystems (sim) has nothing to format; "none" stands for the UUID.
         let fs_uuid = if pool.backend.holds_filesystems() {
             let dev = pool.backend.activate(base_id, settings.base_size, false)?;
@@ -426,7 +429,12 @@ impl Pool {
             }
             let _guard = self.locks.lock(*id);
             match self.backend.deactivate(*id) {
-                Ok(()) => report.deactivated.push(*id),
+                Ok(()) => {
+                    report.deactivated.push(*id);
+                    // Part of the devices down, records unchanged: the next open
+                    // re-activates the ones recorded active.
+                    failpoint::hit("take_down:after_deactivate");
+                }
                 // Open without an exclusive claim (seen only now): busy after all.
                 Err(Error::FailedPrecondition(_)) if force => busy.push((*id, node.clone())),
                 Err(e) => {

@@ -97,6 +97,9 @@ impl Pool {
             Some(dev) => (fsutil::fs_uuid(settings.fs, dev)?, Ok(())),
             None => {
                 let dev = self.backend.activate(base.id, rec.size, false)?;
+                // The base active, no record wants it so: the next open reads it live and
+                // its reconcile deactivates it.
+                crate::failpoint::hit("base:after_activate");
                 let uuid = fsutil::fs_uuid(settings.fs, &dev);
                 // Pools made before the base lost its lost+found get it removed here, once:
                 // new snapshots are then empty. Existing snapshots are copies and keep theirs.
