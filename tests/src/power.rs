@@ -45,7 +45,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -54,7 +54,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -203,7 +203,12 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        bail!("{cmd} {} failed ({}): {}", args.join(" "), out.status, text.trim());
+        bail!(
+            "{cmd} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            text.trim()
+        );
     }
     Ok(text)
 }
@@ -215,7 +220,8 @@ pub fn thin_check(root: &Path) -> Result<()> {
 }
 
 pub fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
+    p.to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
 }
 
 /// A mounted data snapshot and the next record to append.
@@ -227,7 +233,12 @@ pub struct DataSnap {
 }
 
 /// Mounts snapshot `key`'s first mount at `dir`.
-fn mount_key(rt: &Runtime, c: &mut Client, key: &str, dir: &Path) -> Result<thinpool_client::Mount> {
+fn mount_key(
+    rt: &Runtime,
+    c: &mut Client,
+    key: &str,
+    dir: &Path,
+) -> Result<thinpool_client::Mount> {
     let m = rt
         .block_on(c.mounts(key))
         .with_context(|| format!("Mounts {key}"))?
@@ -241,7 +252,12 @@ fn mount_key(rt: &Runtime, c: &mut Client, key: &str, dir: &Path) -> Result<thin
 
 /// Mounts (journal replay), unmounts and `e2fsck -fn`s snapshot `key`, then mounts it again
 /// and opens its log (created if absent). Errors name the snapshot.
-pub fn check_and_mount(rt: &Runtime, c: &mut Client, key: &str, mnt_base: &Path) -> Result<DataSnap> {
+pub fn check_and_mount(
+    rt: &Runtime,
+    c: &mut Client,
+    key: &str,
+    mnt_base: &Path,
+) -> Result<DataSnap> {
     let dir = mnt_base.join(key);
     let m = mount_key(rt, c, key, &dir)?;
     thinpool_client::mount::unmount(&dir).with_context(|| format!("unmount {key}"))?;
@@ -281,7 +297,12 @@ pub fn unmount_all(data: Vec<DataSnap>) {
 /// unmount, e2fsck -fn) and every acknowledged record present with its exact content.
 /// Returns the data snapshots, mounted, for the next workload. On error the mounts it made are
 /// undone.
-pub fn verify(rt: &Runtime, c: &mut Client, exp: &Expect, mnt_base: &Path) -> Result<Vec<DataSnap>> {
+pub fn verify(
+    rt: &Runtime,
+    c: &mut Client,
+    exp: &Expect,
+    mnt_base: &Path,
+) -> Result<Vec<DataSnap>> {
     let audit = rt.block_on(c.audit()).context("Audit")?;
     if !audit.clean {
         bail!(
@@ -381,7 +402,13 @@ pub struct Workload {
 
 impl Workload {
     /// Learns the pool's traffic snapshots (everything but the data snapshots) from List.
-    pub fn new(rt: &Runtime, c: &mut Client, seed: u64, tag: &str, data: Vec<DataSnap>) -> Result<Workload> {
+    pub fn new(
+        rt: &Runtime,
+        c: &mut Client,
+        seed: u64,
+        tag: &str,
+        data: Vec<DataSnap>,
+    ) -> Result<Workload> {
         let mut w = Workload {
             rng: Rng::new(seed),
             tag: tag.to_string(),
@@ -409,7 +436,13 @@ impl Workload {
     }
 
     /// Creates the data snapshots that do not exist yet and mounts them.
-    pub fn ensure_data(&mut self, rt: &Runtime, c: &mut Client, mnt_base: &Path, sink: &mut dyn AckSink) -> Result<()> {
+    pub fn ensure_data(
+        &mut self,
+        rt: &Runtime,
+        c: &mut Client,
+        mnt_base: &Path,
+        sink: &mut dyn AckSink,
+    ) -> Result<()> {
         for key in DATA_KEYS {
             if self.data.iter().any(|d| d.key == key) {
                 continue;
@@ -435,7 +468,9 @@ impl Workload {
             d.file
                 .write_all_at(&record(&d.key, seq), seq * RECORD)
                 .with_context(|| format!("append to {}", d.key))?;
-            d.file.sync_all().with_context(|| format!("fsync {}", d.key))?;
+            d.file
+                .sync_all()
+                .with_context(|| format!("fsync {}", d.key))?;
             d.next += 1;
             self.writes += 1;
             return sink.ack(&Ack::Write {

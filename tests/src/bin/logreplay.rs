@@ -42,7 +42,7 @@ const DATA_MNT: &str = "/run/logreplay-mnt";
 // The log format (log-writes.rst): a super block in sector 0, then one entry per logged
 // write, flush, discard or mark, each entry in its own log sector followed by the write's
 // data; sector numbers and counts in units of the super block's sector size.
-const LOG_MAGIC: u64 = 0x6a73_6677_7368_72;
+const LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
 const FLAG_FLUSH: u64 = 1;
 const FLAG_FUA: u64 = 2;
 const FLAG_DISCARD: u64 = 4;
@@ -116,8 +116,10 @@ struct Undo(Vec<(String, Vec<String>)>);
 
 impl Undo {
     fn push(&mut self, cmd: &str, args: &[&str]) {
-        self.0
-            .push((cmd.to_string(), args.iter().map(|s| s.to_string()).collect()));
+        self.0.push((
+            cmd.to_string(),
+            args.iter().map(|s| s.to_string()).collect(),
+        ));
     }
     /// Runs the undo steps pushed after `keep` (newest first).
     fn run_to(&mut self, keep: usize) {
@@ -214,7 +216,10 @@ fn main() {
             (0, 1)
         }
     };
-    println!("logreplay: {:.1} s in the guest", t0.elapsed().as_secs_f64());
+    println!(
+        "logreplay: {:.1} s in the guest",
+        t0.elapsed().as_secs_f64()
+    );
     println!("{passed} passed, {failed} failed");
 }
 
@@ -241,11 +246,22 @@ fn real_main() -> Result<(u32, u32)> {
         let table = format!("0 {} log-writes {dev_loop} {log_loop}", args.fs_size / 512);
         run("dmsetup", &["create", LW_NAME, "--table", &table])?;
         undo.push("dmsetup", &["remove", LW_NAME]);
-        let lw = format!("/dev/mapper/{LW_NAME}");
+        // No udev in the guest: no /dev/mapper link, but devtmpfs has the dm-N node.
+        let blk = run(
+            "dmsetup",
+            &["info", "-c", "--noheadings", "-o", "blkdevname", LW_NAME],
+        )?;
+        let lw = format!("/dev/{}", blk.trim());
         // No discards (they would zero the image; nothing to replay), no lazy init thread.
         run(
             "mkfs.ext4",
-            &["-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", &lw],
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                &lw,
+            ],
         )?;
         run("mount", &["-o", "noinit_itable", &lw, MNT])?;
         let mounted = undo.0.len();
@@ -304,10 +320,17 @@ fn real_main() -> Result<(u32, u32)> {
         .ok_or_else(|| anyhow!("log: no end mark"))?;
     let marks = parsed.entries[begin..end]
         .iter()
-        .filter(|e| e.mark.as_deref().is_some_and(|m| m.parse::<usize>().is_ok()))
+        .filter(|e| {
+            e.mark
+                .as_deref()
+                .is_some_and(|m| m.parse::<usize>().is_ok())
+        })
         .count();
     if marks != ledger.len() {
-        bail!("log: {marks} ledger marks, the ledger has {} entries", ledger.len());
+        bail!(
+            "log: {marks} ledger marks, the ledger has {} entries",
+            ledger.len()
+        );
     }
     let all: Vec<usize> = (begin..end)
         .filter(|&i| parsed.entries[i].flags & (FLAG_FLUSH | FLAG_FUA) != 0)
@@ -389,9 +412,9 @@ fn real_main() -> Result<(u32, u32)> {
             exp.n_ops
         );
         match check_point(&base, &base_path, &exp) {
-            Ok(()) => {
+            Ok(times) => {
                 passed += 1;
-                println!("ok {what}, {:.1} s)", tp.elapsed().as_secs_f64());
+                println!("ok {what}, {:.1} s: {times})", tp.elapsed().as_secs_f64());
             }
             Err(e) => {
                 failed += 1;
@@ -425,10 +448,20 @@ fn take_down(rt: &tokio::runtime::Runtime, c: &mut Client, d: &mut Daemon) -> Re
 }
 
 /// One replay point, on a reflink clone of the replay so far.
-fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<()> {
+/// Returns where the time went.
+fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<String> {
+    let mut times = Vec::new();
+    let mut t = Instant::now();
+    let mut lap = |what: &str| {
+        times.push(format!("{what} {:.1}", t.elapsed().as_secs_f64()));
+        t = Instant::now();
+    };
     base.sync_all()?;
     let img = base_path.with_file_name("point.img");
-    run("cp", &["--reflink=always", path_str(base_path)?, path_str(&img)?])?;
+    run(
+        "cp",
+        &["--reflink=always", path_str(base_path)?, path_str(&img)?],
+    )?;
     let mut undo = Undo::default();
     undo.push("rm", &["-f", path_str(&img)?]);
     let lp = losetup(&img)?;
@@ -440,6 +473,7 @@ fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<()> {
     if root.join("pool.redb").exists() {
         power::thin_check(&root).context("thin_check")?;
     }
+    lap("mount+check");
     let mut daemon = std::panic::catch_unwind(|| {
         Daemon::start(&root, Path::new(SOCKET), &["--overcommit-host"])
     })
@@ -448,19 +482,26 @@ fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<()> {
         .enable_all()
         .build()?;
     let mut c = rt.block_on(Client::connect(SOCKET))?;
+    lap("open");
     let res = power::verify(&rt, &mut c, exp, Path::new(DATA_MNT));
+    lap("verify");
     let verified = match res {
         Ok(data) => {
             power::unmount_all(data);
             Ok(())
         }
-        Err(e) => Err(anyhow!("{e:#}\n--- thinpoold log ---\n{}", daemon.log_text())),
+        Err(e) => Err(anyhow!(
+            "{e:#}\n--- thinpoold log ---\n{}",
+            daemon.log_text()
+        )),
     };
     let down = take_down(&rt, &mut c, &mut daemon);
     drop(daemon);
+    lap("down");
     verified?;
     down?;
     undo.run_to(mounted);
     run("e2fsck", &["-f", "-n", &lp]).context("e2fsck of the replayed ext4")?;
-    Ok(())
+    lap("fsck");
+    Ok(times.join(", "))
 }

@@ -101,11 +101,16 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let args = parse_args()?;
-    let raw = std::fs::read(&args.ledger).with_context(|| format!("read {}", args.ledger.display()))?;
+    let raw =
+        std::fs::read(&args.ledger).with_context(|| format!("read {}", args.ledger.display()))?;
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     let text = String::from_utf8_lossy(&raw[..end]).into_owned();
     let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
     let (boot, seed, work) = match header.as_slice() {
         ["BOOT", n, seed, mode] => (n.parse::<u32>()?, seed.parse::<u64>()?, *mode == "work"),
         _ => bail!("ledger disk: bad header {header:?}"),
@@ -125,8 +130,13 @@ fn real_main() -> Result<()> {
     } else if boot > 1 {
         bail!("boot {boot}: the pool's metadata file is missing");
     }
-    let mut daemon = std::panic::catch_unwind(|| Daemon::start(&root, &socket, &[]))
-        .map_err(|_| anyhow!("thinpoold did not open the pool (its log is under {})", args.dir.display()))?;
+    let mut daemon =
+        std::panic::catch_unwind(|| Daemon::start(&root, &socket, &[])).map_err(|_| {
+            anyhow!(
+                "thinpoold did not open the pool (its log is under {})",
+                args.dir.display()
+            )
+        })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -153,7 +163,13 @@ fn real_main() -> Result<()> {
     }
 
     let mut sink = SerialSink::open(&args.ack_port)?;
-    let mut w = Workload::new(&rt, &mut c, seed ^ u64::from(boot), &format!("b{boot}"), data)?;
+    let mut w = Workload::new(
+        &rt,
+        &mut c,
+        seed ^ u64::from(boot),
+        &format!("b{boot}"),
+        data,
+    )?;
     w.ensure_data(&rt, &mut c, &mnt, &mut sink)?;
     sink.ack(&Ack::Start)?;
     println!("WORKLOAD started boot={boot}");
