@@ -29,7 +29,7 @@ pub const DATA_KEYS: [&str; 2] = ["data-0", "data-1"];
 /// The appended file inside each data snapshot.
 pub const LOG_FILE: &str = "log";
 /// Bound on the traffic's own snapshots, so the pool does not fill over many cuts.
-const MAX_TRAFFIC: usize = 10;
+const MAX_TRAFFIC: usize = 8;
 
 /// The content of record `seq` of `key`: reproducible from the ledger line alone.
 pub fn record(key: &str, seq: u64) -> Vec<u8> {
@@ -224,12 +224,57 @@ pub fn path_str(p: &Path) -> Result<&str> {
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
 }
 
+/// Starts the real thinpoold (dm backend as the guest's env says) on a small pool and waits
+/// until it serves: 2 GiB data, 32 MiB metadata, 64 MiB base devices. Small on purpose: every
+/// replay point and every boot re-opens it and fscks its filesystems under TCG. Panics (with
+/// the daemon's log) if it does not serve, as [`crate::grpc::Daemon::wait_ready`] does.
+pub fn start_daemon(root: &Path, socket: &Path) -> crate::grpc::Daemon {
+    let log = root.with_extension(format!(
+        "thinpoold-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    let logf = File::create(&log).expect("daemon log file");
+    let child = Command::new(crate::grpc::bin("thinpoold"))
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--backend", &crate::backend().to_string()])
+        .args(["--data-size", "2G", "--metadata-size", "32M"])
+        .args([
+            "--base-size",
+            "64M",
+            "--metrics-addr",
+            "",
+            "--overcommit-host",
+        ])
+        .arg("--imagefs-dir")
+        .arg(root.join("imagefs"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .expect("spawn thinpoold");
+    let mut d = crate::grpc::Daemon {
+        child: Some(child),
+        root: root.to_path_buf(),
+        socket: socket.to_path_buf(),
+        log,
+    };
+    d.wait_ready();
+    d
+}
+
 /// A mounted data snapshot and the next record to append.
 pub struct DataSnap {
     pub key: String,
     pub dir: PathBuf,
     pub file: File,
     pub next: u64,
+    pub mount: thinpool_client::Mount,
 }
 
 /// Mounts snapshot `key`'s first mount at `dir`.
@@ -250,21 +295,30 @@ fn mount_key(
     Ok(m)
 }
 
-/// Mounts (journal replay), unmounts and `e2fsck -fn`s snapshot `key`, then mounts it again
-/// and opens its log (created if absent). Errors name the snapshot.
+/// `e2fsck -fn` of an unmounted snapshot's device.
+fn fsck(key: &str, m: &thinpool_client::Mount) -> Result<()> {
+    if m.r#type == "ext4" {
+        run("e2fsck", &["-f", "-n", &m.source]).with_context(|| format!("fsck of {key}"))?;
+    }
+    Ok(())
+}
+
+/// Mounts snapshot `key` and opens its log (created if absent). With `fsck_first`: mounts
+/// (journal replay), unmounts and `e2fsck -fn`s it before. Errors name the snapshot.
 pub fn check_and_mount(
     rt: &Runtime,
     c: &mut Client,
     key: &str,
     mnt_base: &Path,
+    fsck_first: bool,
 ) -> Result<DataSnap> {
     let dir = mnt_base.join(key);
     let m = mount_key(rt, c, key, &dir)?;
-    thinpool_client::mount::unmount(&dir).with_context(|| format!("unmount {key}"))?;
-    if m.r#type == "ext4" {
-        run("e2fsck", &["-f", "-n", &m.source]).with_context(|| format!("fsck of {key}"))?;
+    if fsck_first {
+        thinpool_client::mount::unmount(&dir).with_context(|| format!("unmount {key}"))?;
+        fsck(key, &m)?;
+        mount_key(rt, c, key, &dir)?;
     }
-    mount_key(rt, c, key, &dir)?;
     let path = dir.join(LOG_FILE);
     let file = OpenOptions::new()
         .read(true)
@@ -279,6 +333,7 @@ pub fn check_and_mount(
         dir,
         file,
         next,
+        mount: m,
     })
 }
 
@@ -295,13 +350,15 @@ pub fn unmount_all(data: Vec<DataSnap>) {
 /// Checks a reopened pool against `exp`: audit clean; every acknowledged snapshot there with
 /// its kind, every acknowledged removal gone; each data snapshot's filesystem clean (mount,
 /// unmount, e2fsck -fn) and every acknowledged record present with its exact content.
-/// Returns the data snapshots, mounted, for the next workload. On error the mounts it made are
-/// undone.
+/// With `keep_mounted`, returns the data snapshots, mounted, for the next workload (fsck comes
+/// before the records are read); without, each is unmounted and fscked after its records were
+/// read (one mount less: replay points are many). On error the mounts it made are undone.
 pub fn verify(
     rt: &Runtime,
     c: &mut Client,
     exp: &Expect,
     mnt_base: &Path,
+    keep_mounted: bool,
 ) -> Result<Vec<DataSnap>> {
     let audit = rt.block_on(c.audit()).context("Audit")?;
     if !audit.clean {
@@ -355,7 +412,7 @@ pub fn verify(
                 }
                 continue;
             }
-            let d = check_and_mount(rt, c, key, mnt_base)?;
+            let d = check_and_mount(rt, c, key, mnt_base, keep_mounted)?;
             if let Some(seqs) = exp.writes.get(key) {
                 let mut buf = vec![0u8; RECORD as usize];
                 for &seq in seqs {
@@ -371,7 +428,16 @@ pub fn verify(
                     }
                 }
             }
-            data.push(d);
+            if keep_mounted {
+                data.push(d);
+            } else {
+                let DataSnap {
+                    dir, file, mount, ..
+                } = d;
+                drop(file);
+                thinpool_client::mount::unmount(&dir).with_context(|| format!("unmount {key}"))?;
+                fsck(key, &mount)?;
+            }
         }
         Ok(())
     })();
@@ -454,7 +520,7 @@ impl Workload {
                 key: key.to_string(),
                 parent: None,
             })?;
-            let d = check_and_mount(rt, c, key, mnt_base)?;
+            let d = check_and_mount(rt, c, key, mnt_base, false)?;
             self.data.push(d);
         }
         Ok(())

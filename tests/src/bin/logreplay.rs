@@ -62,7 +62,7 @@ fn parse_args() -> Result<Args> {
         steps: 60,
         points: Some(40),
         seed: 1,
-        fs_size: 2 << 30,
+        fs_size: 1 << 30,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -276,10 +276,8 @@ fn real_main() -> Result<(u32, u32)> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let mut daemon = std::panic::catch_unwind(|| {
-            Daemon::start(&root, Path::new(SOCKET), &["--overcommit-host"])
-        })
-        .map_err(|_| anyhow!("thinpoold did not create the pool"))?;
+        let mut daemon = std::panic::catch_unwind(|| power::start_daemon(&root, Path::new(SOCKET)))
+            .map_err(|_| anyhow!("thinpoold did not create the pool"))?;
         let mut c = rt.block_on(Client::connect(SOCKET))?;
         let mut w = Workload::new(&rt, &mut c, args.seed, "r", Vec::new())?;
         let res = (|| -> Result<()> {
@@ -474,16 +472,14 @@ fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<String> {
         power::thin_check(&root).context("thin_check")?;
     }
     lap("mount+check");
-    let mut daemon = std::panic::catch_unwind(|| {
-        Daemon::start(&root, Path::new(SOCKET), &["--overcommit-host"])
-    })
-    .map_err(|_| anyhow!("thinpoold did not open the pool"))?;
+    let mut daemon = std::panic::catch_unwind(|| power::start_daemon(&root, Path::new(SOCKET)))
+        .map_err(|_| anyhow!("thinpoold did not open the pool"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut c = rt.block_on(Client::connect(SOCKET))?;
     lap("open");
-    let res = power::verify(&rt, &mut c, exp, Path::new(DATA_MNT));
+    let res = power::verify(&rt, &mut c, exp, Path::new(DATA_MNT), false);
     lap("verify");
     let verified = match res {
         Ok(data) => {

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use thinpool_client::Client;
-use thinpool_tests::grpc::Daemon;
 use thinpool_tests::power::{self, Ack, AckSink, Expect, Workload};
 
 struct Args {
@@ -131,7 +130,7 @@ fn real_main() -> Result<()> {
         bail!("boot {boot}: the pool's metadata file is missing");
     }
     let mut daemon =
-        std::panic::catch_unwind(|| Daemon::start(&root, &socket, &[])).map_err(|_| {
+        std::panic::catch_unwind(|| power::start_daemon(&root, &socket)).map_err(|_| {
             anyhow!(
                 "thinpoold did not open the pool (its log is under {})",
                 args.dir.display()
@@ -142,7 +141,7 @@ fn real_main() -> Result<()> {
         .build()?;
     let mut c = rt.block_on(Client::connect(&socket))?;
     let opened = t0.elapsed().as_secs_f64();
-    let data = power::verify(&rt, &mut c, &exp, &mnt).map_err(|e| {
+    let data = power::verify(&rt, &mut c, &exp, &mnt, true).map_err(|e| {
         anyhow!(
             "boot {boot}: {e:#}\n--- thinpoold log ---\n{}",
             daemon.log_text()
