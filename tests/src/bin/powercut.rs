@@ -161,22 +161,33 @@ fn real_main() -> Result<()> {
         return Ok(());
     }
 
-    let mut sink = SerialSink::open(&args.ack_port)?;
-    let mut w = Workload::new(
-        &rt,
-        &mut c,
-        seed ^ u64::from(boot),
-        &format!("b{boot}"),
-        data,
-    )?;
-    w.ensure_data(&rt, &mut c, &mnt, &mut sink)?;
-    sink.ack(&Ack::Start)?;
-    println!("WORKLOAD started boot={boot}");
-    let deadline = Instant::now() + Duration::from_secs(args.max_secs);
-    while Instant::now() < deadline {
-        w.step(&rt, &mut c, &mut sink)
-            .map_err(|e| anyhow!("boot {boot}: workload: {e:#}"))?;
-    }
+    // From here on a failure is the workload's, not the verification's: the host counts it
+    // against this boot's cut.
+    let mut w = (|| -> Result<Workload> {
+        let mut sink = SerialSink::open(&args.ack_port)?;
+        let mut w = Workload::new(
+            &rt,
+            &mut c,
+            seed ^ u64::from(boot),
+            &format!("b{boot}"),
+            data,
+        )?;
+        w.ensure_data(&rt, &mut c, &mnt, &mut sink)?;
+        sink.ack(&Ack::Start)?;
+        println!("WORKLOAD started boot={boot}");
+        let deadline = Instant::now() + Duration::from_secs(args.max_secs);
+        while Instant::now() < deadline {
+            w.step(&rt, &mut c, &mut sink)?;
+        }
+        Ok(w)
+    })()
+    .unwrap_or_else(|e| {
+        println!(
+            "WORKLOAD FAILED boot={boot}: {e:#}\n--- thinpoold log ---\n{}",
+            daemon.log_text()
+        );
+        std::process::exit(1);
+    });
     println!(
         "WORKLOAD not cut within {} s ({} writes, {} ops)",
         args.max_secs, w.writes, w.ops
