@@ -288,7 +288,7 @@ fn real_main() -> Result<(u32, u32)> {
             Ok(())
         })();
         power::unmount_all(std::mem::take(&mut w.data));
-        take_down(&rt, &mut c, &mut daemon)?;
+        take_down(&rt, c, &mut daemon)?;
         drop(daemon);
         res.context("workload")?;
         println!(
@@ -428,8 +428,10 @@ fn real_main() -> Result<(u32, u32)> {
 
 /// Takes the pool down through the daemon (it exits afterwards), so that the fixture's drop
 /// has nothing left to do.
-fn take_down(rt: &tokio::runtime::Runtime, c: &mut Client, d: &mut Daemon) -> Result<()> {
+/// Takes the client by value: the server's graceful shutdown waits for open connections.
+fn take_down(rt: &tokio::runtime::Runtime, mut c: Client, d: &mut Daemon) -> Result<()> {
     rt.block_on(c.take_down(false)).context("TakeDown")?;
+    drop(c);
     let mut child = d.child.take().ok_or_else(|| anyhow!("no daemon"))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -491,7 +493,7 @@ fn check_point(base: &File, base_path: &Path, exp: &Expect) -> Result<String> {
             daemon.log_text()
         )),
     };
-    let down = take_down(&rt, &mut c, &mut daemon);
+    let down = take_down(&rt, c, &mut daemon);
     drop(daemon);
     lap("down");
     verified?;

@@ -156,6 +156,8 @@ fn real_main() -> Result<()> {
     );
     if !work {
         power::unmount_all(data);
+        // The server's graceful shutdown waits for open connections.
+        drop(c);
         let st = daemon.stop();
         println!("verify-only boot done (thinpoold exit {st})");
         return Ok(());
