@@ -219,6 +219,17 @@ pub fn thin_check(root: &Path) -> Result<()> {
     run("thin_check", &[path_str(&meta)?]).map(|_| ())
 }
 
+/// Whether the pool's metadata file exists and the kernel has written its superblock: a
+/// crash while the pool is being created can leave no file, or a file of zeros (the kernel
+/// formats it when the pool is first loaded), which thin_check rejects but open finishes.
+pub fn metadata_formatted(root: &Path) -> bool {
+    let mut sb = [0u8; 4096];
+    File::open(root.join("metadata"))
+        .and_then(|f| f.read_exact_at(&mut sb, 0))
+        .map(|()| sb.iter().any(|&b| b != 0))
+        .unwrap_or(false)
+}
+
 pub fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| anyhow!("non-UTF-8 path {}", p.display()))
