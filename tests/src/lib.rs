@@ -16,6 +16,7 @@ pub mod http;
 pub mod iobench;
 pub mod live;
 pub mod model;
+pub mod power;
 pub mod torture;
 
 use sha2::{Digest, Sha256};
