@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use http_body::{Body, Frame};
 
 /// Every method of both services, as `/package.Service/Method` paths.
-pub const METHODS: [&str; 17] = [
+pub const METHODS: [&str; 18] = [
     "/containerd.services.snapshots.v1.Snapshots/Prepare",
     "/containerd.services.snapshots.v1.Snapshots/View",
     "/containerd.services.snapshots.v1.Snapshots/Mounts",
@@ -39,6 +39,7 @@ pub const METHODS: [&str; 17] = [
     "/thinpool.v1.Admin/Audit",
     "/thinpool.v1.Admin/GrowPool",
     "/thinpool.v1.Admin/TakeDown",
+    "/thinpool.v1.Admin/Backup",
 ];
 
 /// gRPC status code names, by number (as grpc-go and grpc-prometheus spell them).

@@ -445,7 +445,8 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
         75..=80 => "deactivate",
         81..=85 => "stat",
         86..=89 if !grower => "cleanup",
-        86..=95 if grower => "grow",
+        86..=91 if grower => "grow",
+        92..=95 if grower => "backup",
         90..=94 => "usage",
         _ if grower => "audit",
         _ => "list",
@@ -662,6 +663,7 @@ fn one_op(sh: &Shared, c: &Client, id: usize, rng: &mut Rng, grower: bool) -> bo
                 "grow" => sh.call(c, |mut c| async move {
                     c.grow_pool(Some("+64M"), None, true).await.map(drop)
                 }),
+                "backup" => sh.call(c, |mut c| async move { c.backup().await.map(drop) }),
                 "usage" => sh.call(c, |mut c| async move { c.usage(&any_key).await.map(drop) }),
                 "audit" => sh.call(c, |mut c| async move { c.audit().await.map(drop) }),
                 _ => sh.call(c, |mut c| async move { c.list(&[]).await.map(drop) }),

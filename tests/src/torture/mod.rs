@@ -127,6 +127,9 @@ pub const CATALOGUE: &[Point] = &[
     p("grow:after_file", "grow", ALL, 2, Load, true),
     p("grow:after_kernel", "grow", ALL, 2, Load, false),
     p("thin_ls:after_reserve", "thin_ls", DM, 2, Load, true),
+    p("backup:after_reserve", "backup", DM, 2, Load, false),
+    p("backup:after_dump", "backup", ALL, 2, Load, true),
+    p("backup:after_store", "backup", ALL, 2, Load, true),
     p(
         "take_down:after_deactivate",
         "take_down",
@@ -139,6 +142,14 @@ pub const CATALOGUE: &[Point] = &[
 
 /// Points in the sources that the torture run does not arm, and why.
 pub const NOT_TORTURED: &[(&str, &str)] = &[
+    ("repair:after_repair", OFFLINE_REPAIR),
+    ("repair:after_check", OFFLINE_REPAIR),
+    ("repair:after_keep", OFFLINE_REPAIR),
+    ("repair:after_swap", OFFLINE_REPAIR),
+    ("restore:after_keep", OFFLINE_RESTORE),
+    ("restore:after_thin_restore", OFFLINE_RESTORE),
+    ("restore:after_metadata", OFFLINE_RESTORE),
+    ("restore:after_store", OFFLINE_RESTORE),
     (
         "create:outcome_write",
         "an =error point (a failed store write, not a kill): tests/tests/recovery.rs",
@@ -164,6 +175,11 @@ pub const NOT_TORTURED: &[(&str, &str)] = &[
         "the sim backend's own step, below the engine: the model tests (tests/tests/model.rs)",
     ),
 ];
+
+const OFFLINE_REPAIR: &str = "an offline command (thinpoold --repair), not a daemon under load: \
+    tests/tests/repair.rs kills it there and repairs again (dm_repair_* in the VM)";
+const OFFLINE_RESTORE: &str = "an offline command (thinpoold --restore), not a daemon under load: \
+    tests/tests/repair.rs kills it there and restores again";
 
 /// The catalogue's points for `backend`, the short form's subset when `short`, only `only`
 /// when it is not empty.
