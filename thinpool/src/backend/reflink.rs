@@ -803,9 +803,6 @@ fn device_loops(devices: &Path) -> Result<Vec<(ThinId, PathBuf)>> {
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
-/// Freezes and thaws the filesystem mounted at `mnt`, checked to be the one on device
-/// `major:minor` (the path comes from the mount table, and the tree under it is a
-/// container's). A filesystem that cannot freeze is synced instead.
 /// Thaws the filesystem of `dev` if it is frozen (see `thaw_left_frozen`).
 fn thaw_device(dev: &Path, fs: crate::model::FsType, scratch: &Path) -> Result<()> {
     let (major, minor) = loopback::dev_numbers(dev)?;
@@ -849,6 +846,9 @@ fn thaw_at(mnt: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Freezes and thaws the filesystem mounted at `mnt`, checked to be the one on device
+/// `major:minor` (the path comes from the mount table, and the tree under it is a
+/// container's). A filesystem that cannot freeze is synced instead.
 fn freeze_and_thaw(mnt: &Path, major: u32, minor: u32) -> Result<()> {
     let dir = OpenOptions::new()
         .read(true)
