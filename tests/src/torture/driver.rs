@@ -24,6 +24,7 @@ use thinpool_client::Client;
 use thinpool_proto::types::Mount;
 use tokio::runtime::Runtime;
 
+use super::watchdog::Watchdog;
 use super::{Point, Trigger};
 use crate::{pattern, sha256_hex, sim_files};
 
@@ -68,6 +69,13 @@ pub struct Summary {
 const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// thinpoold must serve within this after a start.
 const START_TIMEOUT: Duration = Duration::from_secs(180);
+/// A case taking this long gets the watchdog's diagnostics (cases take seconds; the longest
+/// bounded wait chain is a few minutes).
+const CASE_WARN: Duration = Duration::from_secs(300);
+/// ... and this long ends the run (a process stuck in the kernel cannot be waited out).
+const CASE_GIVE_UP: Duration = Duration::from_secs(540);
+/// `thinctl pool down` and thin_check get this long.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(180);
 const BASE_SIZE: u64 = 256 << 20;
 
 // ---------------------------------------------------------------- randomness
@@ -303,6 +311,21 @@ impl Shared {
             .remove(dir);
         let _ = fs::remove_dir(dir);
         r.map_err(|e| anyhow!("unmount {}: {e}", dir.display()))
+    }
+
+    /// Whether a device of a thinpool pool is suspended in the kernel (a daemon killed
+    /// inside a pool reload or a snapshot's origin suspend leaves it so until the next open
+    /// resumes it): unmounting then waits for a flush that cannot finish.
+    fn pool_suspended(&self) -> bool {
+        let Ok(dir) = fs::read_dir("/sys/block") else {
+            return false;
+        };
+        dir.flatten().any(|e| {
+            let dm = e.path().join("dm");
+            let name = fs::read_to_string(dm.join("name")).unwrap_or_default();
+            name.starts_with("thinpool-")
+                && fs::read_to_string(dm.join("suspended")).is_ok_and(|s| s.trim() == "1")
+        })
     }
 
     fn unmount_all(&self) {
@@ -728,6 +751,9 @@ struct Driver {
     summary: Summary,
     /// Client threads still in I/O after a kill (see [`Driver::join_load`]).
     stuck: Vec<std::thread::JoinHandle<()>>,
+    /// The clients' mounts wait for the next start (see [`Driver::unmount_or_defer`]).
+    unmount_after_start: bool,
+    watchdog: Watchdog,
 }
 
 impl Driver {
@@ -745,6 +771,7 @@ impl Driver {
             .enable_all()
             .build()?;
         let socket = cfg.work.join("thinpool.sock");
+        let watchdog = Watchdog::start(cfg.work.clone(), CASE_WARN, CASE_GIVE_UP);
         Ok(Driver {
             sh: Arc::new(Shared {
                 cfg,
@@ -767,6 +794,8 @@ impl Driver {
             incarnation: 0,
             summary: Summary::default(),
             stuck: Vec::new(),
+            unmount_after_start: false,
+            watchdog,
         })
     }
 
@@ -793,8 +822,10 @@ impl Driver {
                         let t = Instant::now();
                         let mut rng = Rng::new(seed ^ name_hash(p.name));
                         let hit = 1 + rng.below(p.max_hit);
+                        let case = format!("fp={} seed={seed} hit={hit}", p.name);
+                        self.watchdog.begin(&case);
                         let r = self.failpoint_case(p, seed, hit);
-                        self.report(&format!("fp={} seed={seed} hit={hit}", p.name), t, r);
+                        self.report(&case, t, r);
                     }
                 }
             }
@@ -804,16 +835,14 @@ impl Driver {
                     let mut rng = Rng::new(round.wrapping_mul(7919));
                     let (lo, hi) = self.cfg().kill_after_ms;
                     let after = Duration::from_millis(lo + rng.below(hi.saturating_sub(lo) + 1));
-                    let r = self.load_kill_case(round, after);
-                    self.report(
-                        &format!(
-                            "load-kill round={round} clients={} kill_after={}ms",
-                            self.cfg().clients,
-                            after.as_millis()
-                        ),
-                        t,
-                        r,
+                    let case = format!(
+                        "load-kill round={round} clients={} kill_after={}ms",
+                        self.cfg().clients,
+                        after.as_millis()
                     );
+                    self.watchdog.begin(&case);
+                    let r = self.load_kill_case(round, after);
+                    self.report(&case, t, r);
                 }
             }
         }
@@ -822,6 +851,7 @@ impl Driver {
 
     fn report(&mut self, case: &str, t: Instant, r: Result<String>) {
         let secs = t.elapsed().as_secs_f64();
+        self.watchdog.end(r.is_ok());
         match r {
             Ok(note) => {
                 self.summary.passed += 1;
@@ -833,8 +863,8 @@ impl Driver {
                 // The next case needs a running-or-stoppable daemon and no mounts; a case
                 // that failed midway may have left either.
                 self.sh.stop.store(true, Ordering::SeqCst);
-                self.sh.unmount_all();
                 self.kill_daemon();
+                self.unmount_or_defer();
             }
         }
     }
@@ -885,6 +915,9 @@ impl Driver {
                     .rt
                     .block_on(async { tokio::time::timeout(RPC_TIMEOUT, c.pool_status()).await });
                 if matches!(ok, Ok(Ok(_))) {
+                    if std::mem::take(&mut self.unmount_after_start) {
+                        self.sh.unmount_all();
+                    }
                     return Ok(Ok(()));
                 }
             }
@@ -936,6 +969,17 @@ impl Driver {
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Unmounts the clients' filesystems, unless a pool device is suspended with no daemon
+    /// to resume it: then the unmounts (which flush, and would wait for ever) are left to
+    /// the next successful start, whose open resumes the pool.
+    fn unmount_or_defer(&mut self) {
+        if self.daemon.is_none() && self.sh.pool_suspended() {
+            self.unmount_after_start = true;
+        } else {
+            self.sh.unmount_all();
         }
     }
 
@@ -1003,11 +1047,11 @@ impl Driver {
 
     fn request_take_down_once(&self) -> Result<()> {
         if let Some(thinctl) = self.cfg().thinctl.clone() {
-            let out = Command::new(&thinctl)
-                .arg("--socket")
+            let mut cmd = Command::new(&thinctl);
+            cmd.arg("--socket")
                 .arg(&self.sh.socket)
-                .args(["pool", "down"])
-                .output()
+                .args(["pool", "down"]);
+            let out = output_within(&mut cmd, TOOL_TIMEOUT, &self.cfg().work)
                 .with_context(|| format!("run {}", thinctl.display()))?;
             if !out.status.success() {
                 bail!(
@@ -1152,7 +1196,7 @@ impl Driver {
             }
         }
         if self.stuck.is_empty() {
-            self.sh.unmount_all();
+            self.unmount_or_defer();
         }
         if panicked > 0 {
             bail!("{panicked} client threads panicked (see stderr)");
@@ -1223,7 +1267,7 @@ impl Driver {
         let Some(st) = died else {
             let tail = self.log_tail();
             self.kill_daemon();
-            self.sh.unmount_all();
+            self.unmount_or_defer();
             // Not reached: still check that the pool is sound before failing the case.
             let _ = self.recover_and_verify();
             bail!(
@@ -1232,7 +1276,7 @@ impl Driver {
                 self.cfg().reach_within
             );
         };
-        self.sh.unmount_all();
+        self.unmount_or_defer();
         if st.signal() != Some(libc::SIGABRT) {
             bail!(
                 "thinpoold died by {st}, not at the failpoint:\n{}",
@@ -1489,9 +1533,9 @@ impl Driver {
         }
         if self.cfg().backend == BackendKind::Dm {
             let meta = thinpool::backend::PoolPaths::new(&self.sh.pool_root).metadata_file;
-            let out = Command::new("thin_check")
-                .arg(&meta)
-                .output()
+            let mut cmd = Command::new("thin_check");
+            cmd.arg(&meta);
+            let out = output_within(&mut cmd, TOOL_TIMEOUT, &self.cfg().work)
                 .context("run thin_check")?;
             if !out.status.success() {
                 bail!(
@@ -1518,4 +1562,51 @@ impl Driver {
         note.push(']');
         Ok(note)
     }
+}
+
+/// Runs `cmd` to its end or for at most `within`: a tool stuck in the kernel or on a stuck
+/// daemon fails the case with the watchdog's diagnostics instead of hanging the run.
+fn output_within(cmd: &mut Command, within: Duration, work: &Path) -> Result<std::process::Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Drained beside the wait, so that a chatty tool cannot block on a full pipe.
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut b);
+        }
+        b
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let diag = super::watchdog::diagnostics(work);
+            let _ = child.kill();
+            bail!(
+                "{:?} did not finish within {within:?}; what it waited on:\n{diag}",
+                cmd.get_program()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
 }

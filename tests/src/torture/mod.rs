@@ -6,6 +6,7 @@
 //! `failpoint::hit`/`fail_once` names and `docs/failpoints.md` in step.
 
 pub mod driver;
+pub mod watchdog;
 
 use thinpool::BackendKind;
 
