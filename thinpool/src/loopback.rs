@@ -604,6 +604,16 @@ pub fn allocated(path: &Path) -> Result<u64> {
         * 512)
 }
 
+/// Held by every unit test of this crate that attaches loop devices. A detached device's
+/// number is handed out again at once (LOOP_CTL_GET_FREE), so a test beside it could take
+/// it: then "no longer attached" checks see the other test's file, and a failing test's
+/// clean-up would detach the other test's device.
+#[cfg(test)]
+pub(crate) fn loop_test_guard() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,6 +668,7 @@ mod tests {
     /// Both attach paths give the same device: read-only, 4 KiB sectors, direct I/O, found
     /// by its file; detach frees it.
     fn attach_sets_every_option(name: &str, method: Method) {
+        let _serial = loop_test_guard();
         let Some(dir) = loop_dir(name) else { return };
         let mut cleanup = Cleanup(Vec::new(), dir.clone());
         let file = dir.join("backing");
@@ -712,6 +723,7 @@ mod tests {
     /// table does, or plainly) is reported busy and stays attached without autoclear.
     #[test]
     fn detach_refuses_a_device_in_use() {
+        let _serial = loop_test_guard();
         let Some(dir) = loop_dir("busy") else { return };
         let mut cleanup = Cleanup(Vec::new(), dir.clone());
         let file = dir.join("backing");
@@ -750,6 +762,7 @@ mod tests {
     /// A file unlinked while attached is listed as deleted, and not found by its path.
     #[test]
     fn scan_marks_deleted_backing_files() {
+        let _serial = loop_test_guard();
         let Some(dir) = loop_dir("deleted") else {
             return;
         };

@@ -345,6 +345,7 @@ mod tests {
     #[test]
     fn scratch_mounts_are_private_restricted_and_never_left() {
         use crate::loopback::{self, LoopOptions};
+        let _serial = loopback::loop_test_guard();
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("SKIP scratch_mounts_are_private_restricted_and_never_left: needs root");
             return;
